@@ -1,0 +1,167 @@
+"""Multi-head Latent Attention (DeepSeek-V3 report sec. 2.1.1), on Megatron-Core's parallel linears.
+
+Shapes: s = sequence, s_l = local sequence (s / TP under sequence parallelism), b = batch,
+H = heads, H_l = heads on this TP rank, dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim.
+
+    q      = q_up(RMSNorm(q_down(x)))          or q_proj(x) when q_lora_rank is None   [s, b, H_l, dn+dr]
+    c, kpe = split(kv_down(x), [kv_lora_rank, dr])                                        [s_l, b, *]
+    k_nope, v = split(kv_up(RMSNorm(c)), [dn, dv])                                       [s, b, H_l, *]
+    q_pe, k_pe = RoPE(q[..., dn:]), RoPE(kpe)          (kpe: ONE head shared by all heads, not normed)
+    out    = o_proj(softmax(q k^T * scale) v),  scale = (dn+dr)^-0.5 * mscale^2
+
+Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
+sequence under SP), o_proj is row-parallel. The down projections are small and duplicated on every
+TP rank; under SP each rank runs them on its own tokens only (no redundant work) and their weights
+are marked ``sequence_parallel`` so finalize_model_grads sums their gradients over TP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
+
+
+class DuplicatedLinear(torch.nn.Module):
+    """A linear layer replicated on every TP rank (Megatron's local backend has none).
+
+    Same constructor keywords as Megatron's parallel linears; returns ``(output, None)``.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False,
+                 skip_bias_add: bool = False, is_expert: bool = False, **_unused):
+        super().__init__()
+        if bias:
+            raise ValueError("DuplicatedLinear: DeepSeek-V3 projections have no bias")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor):
+        return F.linear(x, self.weight), None
+
+
+@dataclass
+class MLASubmodules:
+    """Classes for each projection and norm of :class:`MultiLatentAttention`."""
+
+    linear_q_proj: type = None
+    linear_q_down_proj: type = None
+    linear_q_up_proj: type = None
+    linear_kv_down_proj: type = None
+    linear_kv_up_proj: type = None
+    linear_proj: type = None
+    q_layernorm: type = None
+    kv_layernorm: type = None
+
+
+class MultiLatentAttention(MegatronModule):
+    """DeepSeek-V3 MLA self-attention with causal masking (Megatron attention module interface)."""
+
+    def __init__(self, config, submodules: MLASubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal,
+                 pg_collection: Optional[ProcessGroupCollection] = None, name: str | None = None,
+                 **_unused):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError("MultiLatentAttention supports causal attention only")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.tp_group = pg_collection.tp
+        self.tp_size = self.tp_group.size()
+        self.layer_number = layer_number
+        c = config
+        self.n_local_heads = c.num_attention_heads // self.tp_size
+        self.dn, self.dr, self.dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        dq = self.dn + self.dr
+        H = c.num_attention_heads
+        col = dict(config=c, init_method=c.init_method, gather_output=False, bias=False,
+                   skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        dup = dict(config=c, init_method=c.init_method, bias=False, skip_bias_add=False,
+                   is_expert=False, skip_weight_param_allocation=False)
+        if c.q_lora_rank is None:
+            self.linear_q_proj = build_module(submodules.linear_q_proj, c.hidden_size, H * dq, **col,
+                                              tp_comm_buffer_name="q_proj")
+        else:
+            self.linear_q_down_proj = build_module(submodules.linear_q_down_proj, c.hidden_size,
+                                                   c.q_lora_rank, **dup, tp_comm_buffer_name="q_down_proj")
+            self.q_layernorm = submodules.q_layernorm(config=c, hidden_size=c.q_lora_rank,
+                                                      eps=c.layernorm_epsilon)
+            self.linear_q_up_proj = build_module(submodules.linear_q_up_proj, c.q_lora_rank, H * dq, **col,
+                                                 tp_comm_buffer_name="q_up_proj")
+        self.linear_kv_down_proj = build_module(submodules.linear_kv_down_proj, c.hidden_size,
+                                                c.kv_lora_rank + self.dr, **dup,
+                                                tp_comm_buffer_name="kv_down_proj")
+        self.kv_layernorm = submodules.kv_layernorm(config=c, hidden_size=c.kv_lora_rank,
+                                                    eps=c.layernorm_epsilon)
+        self.linear_kv_up_proj = build_module(submodules.linear_kv_up_proj, c.kv_lora_rank,
+                                              H * (self.dn + self.dv), **col, tp_comm_buffer_name="kv_up_proj")
+        self.linear_proj = build_module(submodules.linear_proj, H * self.dv, c.hidden_size, config=c,
+                                        init_method=c.output_layer_init_method, bias=False,
+                                        input_is_parallel=True, skip_bias_add=True, is_expert=False,
+                                        tp_comm_buffer_name="proj", tp_group=self.tp_group)
+        self.softmax_scale = c.mla_softmax_scale
+        rs = c.rope_scaling
+        self.rope_attention_factor = (
+            yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            if rs is not None else 1.0)
+        self.register_buffer("inv_freq", inverse_frequencies(self.dr, c.rope_theta, rs), persistent=False)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.q_lora_rank is None:
+            q, _ = self.linear_q_proj(x)
+        else:
+            q_latent, _ = self.linear_q_down_proj(x)
+            q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
+        return q
+
+    def _shared_rope_key(self, k_pe: torch.Tensor) -> torch.Tensor:
+        """Full-sequence k_pe on every TP rank, with gradients summed over the heads of all ranks."""
+        if self.tp_size == 1:
+            return k_pe
+        if self.config.sequence_parallel:
+            return gather_from_sequence_parallel_region(k_pe, group=self.tp_group)
+        return copy_to_tensor_model_parallel_region(k_pe, group=self.tp_group)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
+                sequence_len_offset=None, **_unused):
+        """hidden_states [s_l, b, hidden] -> (output [s_l, b, hidden], None). Causal; mask ignored."""
+        if inference_context is not None or packed_seq_params is not None or key_value_states is not None:
+            raise NotImplementedError("MultiLatentAttention: KV-cache inference, packed sequences and "
+                                      "cross-attention are not supported yet")
+        q = self._query(hidden_states)
+        kv_down, _ = self.linear_kv_down_proj(hidden_states)
+        c_kv, k_pe = kv_down.split([self.config.kv_lora_rank, self.dr], dim=-1)
+        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(c_kv))
+        k_pe = self._shared_rope_key(k_pe)
+
+        s, b = q.shape[0], q.shape[1]
+        q = q.view(s, b, self.n_local_heads, self.dn + self.dr)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        k_nope, v = kv.view(s, b, self.n_local_heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
+        cos, sin = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
+        q_pe = apply_rope(q_pe.float(), cos, sin).to(q.dtype)
+        k_pe = apply_rope(k_pe.unsqueeze(2).float(), cos, sin).to(q.dtype)
+        query = torch.cat((q_nope, q_pe), dim=-1)
+        key = torch.cat((k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)), dim=-1)
+
+        # [s, b, H_l, d] -> [b, H_l, s, d]
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+            is_causal=True, scale=self.softmax_scale)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+        return self.linear_proj(out)

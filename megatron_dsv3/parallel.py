@@ -1,0 +1,37 @@
+"""Process-group set-up shared by the HF API, tests and tools (not used by model code)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_world(rank: int = 0, world_size: int = 1, port: int | None = None, backend: str = "gloo"):
+    """torch.distributed on localhost (a no-op when a process group already exists)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port or free_port()))
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+
+
+def init_model_parallel(tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1, seed: int = 1234):
+    """(Re)build Megatron's model-parallel groups on the current world and seed its RNG tracker."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    torch.manual_seed(seed)
