@@ -13,7 +13,8 @@ ground under a patch fails loudly instead of silently running unpatched code.
 The patches (see ``../shared/megatron-core-cpu.md`` for why each exists):
 
 - ``cuda_rng_on_cpu``        the "CUDA" RNG tracker keeps CPU generator states.
-- ``cuda_current_device``    ``torch.cuda.current_device()`` answers 0 (it is used as ``device=``).
+- ``cuda_current_device``    ``torch.cuda.current_device()`` answers the CPU device (it is used as
+                             ``device=`` throughout, also in backward passes).
 - ``cuda_devices_to_cpu``    a TorchFunctionMode maps every CUDA device argument, ``.cuda()`` and
                              ``.to("cuda")`` to the CPU.
 - ``cuda_streams_noop``      CUDA streams/events/synchronize become no-op stand-ins.
@@ -36,6 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 ENV_VAR = "MEGATRON_DSV3_CPU"
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -88,7 +90,10 @@ def _patch_rng():
 # cuda_current_device
 # --------------------------------------------------------------------------------------------
 def _patch_current_device():
-    torch.cuda.current_device = lambda: 0
+    # A device, not the ordinal 0: torch reads an int device as CUDA, and code inside autograd
+    # Functions' backward runs outside the TorchFunctionMode below (a mode is off while it handles
+    # Tensor.backward), so ``device=torch.cuda.current_device()`` must already mean the CPU.
+    torch.cuda.current_device = lambda: _CPU
     torch.cuda.set_device = lambda device: None
 
 
@@ -105,9 +110,6 @@ def _is_cuda(dev) -> bool:
     if isinstance(dev, torch.device):
         return dev.type == "cuda"
     return False
-
-
-_CPU = torch.device("cpu")
 
 
 class CudaToCpuMode(TorchFunctionMode):

@@ -1,0 +1,20 @@
+import os
+import sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("MEGATRON_DSV3_CPU", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cpu_world():
+    """A single-process gloo world with Megatron's model-parallel state (TP=EP=PP=1)."""
+    from megatron_dsv3 import cpu_backend
+    from megatron_dsv3.parallel import init_model_parallel, init_world
+
+    cpu_backend.enable()
+    init_world(0, 1)
+    init_model_parallel()
+    yield

@@ -1,0 +1,72 @@
+"""Rank bodies for tests/test_parallel.py (importable by spawned processes)."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = {"TP2": dict(tp=2, ep=1), "EP2": dict(tp=1, ep=2), "TP2xEP2": dict(tp=2, ep=2)}
+
+
+def loss_and_grads(model, ids, labels):
+    """Mean LM loss (+ MTP and balance losses attached inside the model), backward."""
+    model.train()
+    model.zero_grad()
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    loss = model(ids, pos, None, labels=labels).float().mean()
+    loss.backward()
+    return loss.detach()
+
+
+def sync_grads(model):
+    """What DDP + finalize_model_grads do for these params: sum sequence-parallel grads over TP, then
+    average over data parallel (experts: sum over expert-DP of grads scaled by 1/DP)."""
+    from megatron.core import parallel_state as ps
+
+    tp_group, dp = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_world_size()
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "sequence_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(p.grad, group=tp_group)
+        p.grad /= dp
+        expert = ".mlp.experts.local_experts." in name   # routed experts live on expert groups
+        group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+        dist.all_reduce(p.grad, group=group)
+
+
+def parity(rank: int, ckpt: str, ref_path: str, out_path: str):
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv3 import hf
+    from megatron_dsv3.parallel import init_model_parallel
+
+    ref = torch.load(ref_path)
+    report = {}
+    for name, sizes in LAYOUTS.items():
+        init_model_parallel(**sizes)
+        model = hf.load(ckpt)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        ids = ref["ids"].chunk(dp)[dp_rank]
+        labels = ref["labels"].chunk(dp)[dp_rank]
+        rows = slice(dp_rank * ids.shape[0], (dp_rank + 1) * ids.shape[0])
+        err = {"logits": (hf.logits(model, ids) - ref["logits"][rows]).abs().max().item(),
+               "mtp": (hf.mtp_logits(model, ids)[0] - ref["mtp"][rows]).abs().max().item()}
+        loss = loss_and_grads(model, ids, labels)
+        sync_grads(model)
+        grads = hf.to_hf_state_dict(model, grads=True)
+        assert set(grads) == set(ref["grads"]), sorted(set(grads) ^ set(ref["grads"]))[:3]
+        worst = max(((g - ref["grads"][k]).abs().max() / ref["grads"][k].abs().max().clamp(min=1e-30)).item()
+                    for k, g in grads.items())
+        losses = torch.zeros(dp)
+        losses[dp_rank] = loss
+        dist.all_reduce(losses, group=ps.get_data_parallel_group())
+        err["grad_rel"] = worst
+        err["loss_rel"] = abs(losses.mean().item() - ref["loss"]) / abs(ref["loss"])
+        err["sequence_parallel"] = bool(model.config.sequence_parallel)
+        report[name] = err
+        del model
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
