@@ -112,8 +112,8 @@ class DSv3Config(MLATransformerConfig):
     def __post_init__(self):
         self._check_dsv3_fields()
         self._derive_megatron_fields()
-        super().__post_init__()
         self._check_parallel()
+        super().__post_init__()
 
     # ------------------------------------------------------------------
     def _need(self, name: str, hint: str = ""):

@@ -55,7 +55,7 @@ def sequence_balance_loss(scores: torch.Tensor, routing_map: torch.Tensor, seq_l
     returned loss over TP ranks gives the full loss (as TP-summed router gradients do).
     """
     E = scores.shape[-1]
-    counts = routing_map.view(-1, bsz, E).sum(dim=0).float()                    # [b, E]
+    counts = routing_map.view(-1, bsz, E).sum(dim=0).to(scores.dtype)           # [b, E]
     if tp_group is not None and tp_group.size() > 1:
         torch.distributed.all_reduce(counts, group=tp_group)
     f = counts * (E / (top_k * seq_len_total))

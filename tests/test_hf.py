@@ -1,0 +1,158 @@
+"""Our fp32 model vs HF transformers' DeepseekV3 on small random checkpoints, HF round trip, FP8
+dequantisation and checkpoint errors (single process)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_reference import VARIANTS, load_reference, make_checkpoint, quantize_fp8, read_state, routing_without, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, cpu_world):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, variant in enumerate(VARIANTS):
+        path = str(root / variant)
+        cfg = make_checkpoint(path, variant, seed=10 + i)
+        out[variant] = (path, cfg)
+    return out
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_and_mtp_match_transformers(checkpoints, variant):
+    from megatron_dsv3 import hf
+
+    path, cfg = checkpoints[variant]
+    main, mtp_ref = load_reference(path)
+    model = hf.load(path)
+    assert (model.config.q_lora_rank is None) == (cfg["q_lora_rank"] is None)
+    assert model.config.rope_scaling["factor"] == 4.0 and model.config.n_group == 4
+    ref = main(IDS).logits
+    ours = hf.logits(model, IDS)
+    assert ours.shape == (2, 12, 128)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    mtp = hf.mtp_logits(model, IDS)
+    assert len(mtp) == 1 and mtp[0].shape == (2, 11, 128)
+    assert (mtp[0] - mtp_ref(main, IDS)).abs().max().item() <= 1e-4
+    # The inputs really exercise the bias and the group limit in the first MoE layer.
+    with_all, no_bias = routing_without(cfg, main, IDS, 1, bias=False, groups=True)
+    assert (with_all != no_bias).any(), "the random bias must change the selection"
+    with_all, no_groups = routing_without(cfg, main, IDS, 1, bias=True, groups=False)
+    assert (with_all != no_groups).any(), "the group limit must change the selection"
+
+
+def test_reload_another_checkpoint_in_same_process(checkpoints):
+    from megatron_dsv3 import hf
+
+    a = hf.logits(hf.load(checkpoints["base"][0]), IDS)
+    b = hf.logits(hf.load(checkpoints["no_q_lora"][0]), IDS)
+    again = hf.logits(hf.load(checkpoints["base"][0]), IDS)
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, again)
+
+
+def test_round_trip_is_exact(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    path, cfg = checkpoints["base"]
+    model = hf.load(path)
+    hf.save(model, str(tmp_path / "out"), dtype=torch.float32)
+    original, saved = read_state(path), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(original) == set(saved)
+    for k, v in original.items():
+        assert torch.equal(v.float(), saved[k].float()), k
+    with open(tmp_path / "out" / "config.json") as f:
+        written = json.load(f)
+    for key in ("num_hidden_layers", "q_lora_rank", "kv_lora_rank", "n_group", "topk_group",
+                "first_k_dense_replace", "rope_scaling", "num_nextn_predict_layers", "routed_scaling_factor"):
+        assert written[key] == cfg[key], key
+    # and the saved checkpoint loads back to the same logits
+    assert torch.equal(hf.logits(hf.load(str(tmp_path / "out")), IDS), hf.logits(model, IDS))
+
+
+def test_fp8_checkpoint_is_dequantised(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    path, cfg = checkpoints["base"]
+    state = read_state(path)
+    quantised = dict(state)
+    targets = [k for k in state if k.endswith(("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight"))
+               or ".experts." in k]
+    for k in targets:
+        q, s = quantize_fp8(state[k].float(), block=128)
+        quantised[k] = q
+        quantised[k[: -len("weight")] + "weight_scale_inv"] = s
+    write_checkpoint(str(tmp_path / "fp8"), cfg, quantised)
+    model = hf.load(str(tmp_path / "fp8"))
+    sd = hf.to_hf_state_dict(model)
+    for k in targets:
+        q, s = quantised[k], quantised[k[: -len("weight")] + "weight_scale_inv"]
+        expected = torch.empty_like(q, dtype=torch.float32)
+        for i in range(s.shape[0]):          # independent block loop
+            for j in range(s.shape[1]):
+                blk = (slice(i * 128, (i + 1) * 128), slice(j * 128, (j + 1) * 128))
+                expected[blk] = q[blk].float() * s[i, j]
+        assert torch.equal(sd[k], expected), k
+        assert not torch.equal(sd[k], state[k].float()), f"{k}: FP8 should be lossy"
+
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    files = [f for f in os.listdir(dst) if f.endswith(".safetensors")]
+    for f in files:
+        state = load_file(os.path.join(dst, f))
+        if edit(state):
+            save_file(state, os.path.join(dst, f))
+    return dst
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    path = _broken_copy(checkpoints["no_q_lora"][0], tmp_path / "m", lambda s: s.pop(name, None) is not None)
+    with pytest.raises(hf.HFCheckpointError, match="kv_b_proj"):
+        hf.load(str(path))
+
+
+def test_wrong_shape_is_named(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    name = "model.layers.2.mlp.experts.3.down_proj.weight"
+
+    def edit(s):
+        if name in s:
+            s[name] = torch.zeros(64, 31)
+            return True
+        return False
+
+    path = _broken_copy(checkpoints["no_q_lora"][0], tmp_path / "s", edit)
+    with pytest.raises(hf.HFCheckpointError, match=r"experts\.3\.down_proj"):
+        hf.load(str(path))
+
+
+def test_config_that_does_not_match_weights(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    path = shutil.copytree(checkpoints["no_q_lora"][0], tmp_path / "c")
+    with open(path / "config.json") as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = 2          # the checkpoint has 3 layers + MTP
+    with open(path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(hf.HFCheckpointError, match="model.layers"):
+        hf.load(str(path))
+    cfg["num_hidden_layers"], cfg["kv_lora_rank"] = 3, 12
+    with open(path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(hf.HFCheckpointError, match="kv_a_proj_with_mqa|kv_b_proj|kv_a_layernorm"):
+        hf.load(str(path))
