@@ -1,0 +1,141 @@
+"""Forward+backward time of our MLA and MoE layers next to Megatron-Core 0.19.2's built-in ones.
+
+    .venv/bin/python tools/bench_layers.py [--preset tiny|small] [--iters 20] [--json out.json]
+
+Same config, same input, same process, interleaved repetitions; prints a table and JSON with the
+ratio ours / Megatron-Core (< 1 = ours faster). CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
+GPU (bf16) when one is lent. Megatron-Core's MLA is built from its local spec; its local
+DotProductAttention does not accept the k_channels/v_channels MLA passes (a known 0.19.2 issue on
+the local path), so the benchmark wraps it to drop them - a benchmark-only shim, not in the product.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import torch  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_attention_heads=4, seq=32, batch=2),
+    "small": dict(hidden_size=512, num_attention_heads=8, seq=256, batch=2, q_lora_rank=192,
+                  kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                  moe_intermediate_size=256, n_routed_experts=16, num_experts_per_tok=4,
+                  n_group=4, topk_group=2, ffn_hidden_size=1024),
+}
+
+
+def config(preset: str, device: str):
+    from megatron_dsv3.config import DSv3Config, cpu_overrides
+
+    shape = dict(SHAPES[preset])
+    seq, batch = shape.pop("seq"), shape.pop("batch")
+    over = cpu_overrides() if device == "cpu" else dict(transformer_impl="local", bf16=True,
+                                                        params_dtype=torch.bfloat16)
+    return DSv3Config.from_preset("tiny", **over, **shape), seq, batch
+
+
+def megatron_mla(cfg):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.spec_utils import build_module
+
+    class _DPA(DotProductAttention):  # benchmark-only: drop kwargs the local DPA does not take
+        def __init__(self, *a, k_channels=None, v_channels=None, **kw):
+            super().__init__(*a, **kw)
+
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
+                                    normalization="RMSNorm").submodules.self_attention
+    spec.submodules.core_attention = _DPA
+    return build_module(spec, config=cfg, layer_number=1)
+
+
+def ours_mla(cfg):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsv3.spec import get_dsv3_layer_spec
+
+    return build_module(get_dsv3_layer_spec(cfg, moe=True).submodules.self_attention, config=cfg, layer_number=1)
+
+
+def moe(cfg, ours: bool):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from megatron_dsv3.spec import get_dsv3_layer_spec
+
+    if ours:
+        builder = get_dsv3_layer_spec(cfg, moe=True).submodules.mlp
+    else:
+        builder = get_moe_module_spec(use_te=False, num_experts=cfg.num_moe_experts)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    layer = builder(config=cfg, pg_collection=ProcessGroupCollection.use_mpu_process_groups(), is_mtp_layer=False)
+    layer.set_layer_number(1)
+    return layer
+
+
+def time_fwd_bwd(module, x, iters, mask=None):
+    def step():
+        out = module(x, attention_mask=mask) if mask is not None else module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from megatron_dsv3 import cpu_backend
+    from megatron_dsv3.parallel import init_model_parallel, init_world
+
+    if device == "cpu":
+        cpu_backend.enable()
+    init_world(0, 1, backend="gloo" if device == "cpu" else "nccl")
+    init_model_parallel()
+    cfg, seq, batch = config(args.preset, device)
+    dtype = cfg.params_dtype
+    torch.manual_seed(0)
+    x = torch.randn(seq, batch, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), 1)[None, None]
+    rows = []
+    pairs = {"MLA": (lambda: ours_mla(cfg), lambda: megatron_mla(cfg), causal),
+             "MoE": (lambda: moe(cfg, True), lambda: moe(cfg, False), None)}
+    for name, (make_ours, make_theirs, mask) in pairs.items():
+        a, b = make_ours().to(device), make_theirs().to(device)
+        t_ours, t_theirs = [], []
+        for _ in range(3):  # interleave to share machine noise
+            t_ours.append(time_fwd_bwd(a, x, args.iters, mask))
+            t_theirs.append(time_fwd_bwd(b, x, args.iters, mask))
+        o, t = min(t_ours), min(t_theirs)
+        rows.append({"layer": name, "ours_ms": o * 1e3, "megatron_core_ms": t * 1e3, "ratio": o / t})
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "preset": args.preset, "seq": seq, "batch": batch,
+              "dtype": str(dtype), "rows": rows}
+    print(f"{'layer':<6} {'ours ms':>10} {'mcore ms':>10} {'ours/mcore':>11}   ({result['device']}, {args.preset}, fwd+bwd)")
+    for r in rows:
+        print(f"{r['layer']:<6} {r['ours_ms']:>10.2f} {r['megatron_core_ms']:>10.2f} {r['ratio']:>11.2f}")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
