@@ -418,10 +418,11 @@ def config_for(hf_dir: str, dtype=torch.float32, **overrides) -> DSv3Config:
         kw.update({k: v for k, v in cpu_overrides().items() if k not in ("params_dtype", "bf16")})
     # HF configs carry no training coefficients: for a loaded checkpoint use the paper's, said aloud.
     training = dict(seq_aux_alpha=0.0001, bias_update_rate=0.001, mtp_lambda=0.3)
-    log.info("HF config.json has no training coefficients; using the DeepSeek-V3 paper's %s "
-             "(pass them to hf.load to change)", training)
-    training.update({k: overrides.pop(k) for k in list(overrides) if k in training})
-    kw.update(training)
+    defaulted = {k: v for k, v in training.items() if k not in overrides}
+    if defaulted:
+        log.info("HF config.json has no training coefficients; using the DeepSeek-V3 paper's %s "
+                 "(pass them to hf.load to change)", defaulted)
+    kw.update(defaulted)
     kw.update(overrides)
     return DSv3Config.from_hf_config(hf_dir, **kw)
 
@@ -444,6 +445,18 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)
 
 
+def _check_sequence(model, input_ids: torch.Tensor) -> None:
+    cfg = model.config
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if cfg.sequence_parallel and input_ids.shape[1] % cfg.tensor_model_parallel_size:
+        raise ValueError(f"sequence length {input_ids.shape[1]} must be divisible by the tensor-parallel "
+                         f"size {cfg.tensor_model_parallel_size} (sequence parallelism)")
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+
+
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
@@ -451,6 +464,7 @@ def _positions(input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Float logits [batch, seq, vocab] of the main model for positions 0..seq-1."""
+    _check_sequence(model, input_ids)
     was_training = model.training
     model.eval()
     out = model(input_ids, _positions(input_ids), None)          # [b, s, vocab / TP]
@@ -463,6 +477,7 @@ def mtp_logits(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """One tensor per MTP depth k: [batch, seq-k, vocab], entry i predicting token i+k+1."""
     if not model.config.mtp_num_layers:
         return []
+    _check_sequence(model, input_ids)
     was_training = model.training
     model.eval()
     pos = _positions(input_ids)
