@@ -247,7 +247,7 @@ def shard(key: Key, tensors: list[torch.Tensor], lay: Layout, name: str) -> torc
     raise AssertionError(kind)
 
 
-def unshard(key: Key, local: torch.Tensor, lay: Layout, group) -> list[torch.Tensor]:
+def unshard(key: Key, local: torch.Tensor, group) -> list[torch.Tensor]:
     """This rank's piece -> HF full tensor(s) (collective over the TP / expert-TP group)."""
     kind = key.shard.removeprefix("expert_")
     n = dist.get_world_size(group) if group is not None else 1
@@ -363,7 +363,7 @@ def to_hf_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
             if t is None:
                 t = torch.zeros_like(table[ours])
         t = t.detach().float()
-        full = unshard(key, t, lay, etp_group if key.shard.startswith("expert") else tp_group)
+        full = unshard(key, t, etp_group if key.shard.startswith("expert") else tp_group)
         if e is None:
             out.update(zip(hf_names, full))
             continue
