@@ -35,13 +35,10 @@ def make_tiny_checkpoint(out_dir: str) -> None:
     hf.save(model, out_dir, dtype=torch.float32)
 
 
-def rank_main(rank: int, world: int, port: int, hf_dir: str, ids: torch.Tensor, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from megatron_dsv3 import cpu_backend, hf
-    from megatron_dsv3.parallel import init_model_parallel, init_world
+def rank_main(rank: int, hf_dir: str, ids: torch.Tensor, out: str):
+    from megatron_dsv3 import hf
+    from megatron_dsv3.parallel import init_model_parallel
 
-    cpu_backend.enable()
-    init_world(rank, world, port)
     init_model_parallel(tp=2, ep=2)
     model = hf.load(hf_dir)
     logits = hf.logits(model, ids)
@@ -63,7 +60,7 @@ def main():
         print(f"[1/3] writing a tiny random DSv3 checkpoint to {hf_dir}")
         make_tiny_checkpoint(hf_dir)
     from megatron_dsv3 import hf
-    from megatron_dsv3.parallel import free_port
+    from megatron_dsv3.parallel import run_cpu_world
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -73,8 +70,7 @@ def main():
     ref, ref_mtp = hf.logits(model, ids), hf.mtp_logits(model, ids)
     print("[3/3] 4 gloo ranks, TP2 x EP2 (sequence parallel): load + logits")
     out = os.path.join(args.output_dir, "tp2xep2_logits.pt")
-    torch.multiprocessing.start_processes(rank_main, args=(4, free_port(), hf_dir, ids, out), nprocs=4,
-                                          start_method="spawn")
+    run_cpu_world(4, rank_main, hf_dir, ids, out)
     got = torch.load(out)
     rows = [("main logits", (got["logits"] - ref).abs().max().item(), ref.abs().max().item())]
     rows += [(f"MTP depth {k + 1}", (a - b).abs().max().item(), b.abs().max().item())

@@ -12,6 +12,7 @@ counts are checked; an error names the offending tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -457,6 +458,17 @@ def _check_sequence(model, input_ids: torch.Tensor) -> None:
                          f"{cfg.max_position_embeddings}")
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the block, then the model's previous mode (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
@@ -465,10 +477,8 @@ def _positions(input_ids: torch.Tensor) -> torch.Tensor:
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Float logits [batch, seq, vocab] of the main model for positions 0..seq-1."""
     _check_sequence(model, input_ids)
-    was_training = model.training
-    model.eval()
-    out = model(input_ids, _positions(input_ids), None)          # [b, s, vocab / TP]
-    model.train(was_training)
+    with _eval_mode(model):
+        out = model(input_ids, _positions(input_ids), None)      # [b, s, vocab / TP]
     return _gather_vocab(out).float()
 
 
@@ -478,20 +488,18 @@ def mtp_logits(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     if not model.config.mtp_num_layers:
         return []
     _check_sequence(model, input_ids)
-    was_training = model.training
-    model.eval()
     pos = _positions(input_ids)
-    emb = model.embedding(input_ids=input_ids, position_ids=pos)
-    hidden = model.decoder(hidden_states=emb, attention_mask=None)
-    hidden = model.mtp(input_ids=input_ids, position_ids=pos, hidden_states=hidden, attention_mask=None,
-                       embedding=model.embedding)
-    chunks = torch.chunk(hidden, 1 + model.config.mtp_num_layers, dim=0)
-    out = []
-    seq = input_ids.shape[1]
-    for k in range(1, len(chunks)):
-        lg, _ = model.output_layer(chunks[k])                   # [s, b, vocab / TP]
-        out.append(_gather_vocab(lg).transpose(0, 1)[:, : seq - k].float())
-    model.train(was_training)
+    seq, depth = input_ids.shape[1], model.config.mtp_num_layers
+    with _eval_mode(model):
+        emb = model.embedding(input_ids=input_ids, position_ids=pos)
+        hidden = model.decoder(hidden_states=emb, attention_mask=None)
+        hidden = model.mtp(input_ids=input_ids, position_ids=pos, hidden_states=hidden,
+                           attention_mask=None, embedding=model.embedding)
+        chunks = torch.chunk(hidden, 1 + depth, dim=0)      # [main, depth 1, ..., depth D]
+        out = []
+        for k in range(1, 1 + depth):
+            lg, _ = model.output_layer(chunks[k])               # [s, b, vocab / TP]
+            out.append(_gather_vocab(lg).transpose(0, 1)[:, : seq - k].float())
     return out
 
 

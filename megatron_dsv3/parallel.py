@@ -35,3 +35,27 @@ def init_model_parallel(tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1, see
         expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     torch.manual_seed(seed)
+
+
+def _spawned(rank: int, world_size: int, port: int, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHDYNAMO_DISABLE="1",
+                      OMP_NUM_THREADS="1", MEGATRON_DSV3_CPU="1")
+    torch.set_num_threads(1)
+    from . import cpu_backend
+
+    cpu_backend.enable()
+    init_world(rank, world_size, port)
+    fn(rank, *args)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_cpu_world(world_size: int, fn, *args) -> None:
+    """Run ``fn(rank, *args)`` on ``world_size`` spawned CPU/gloo ranks with the CPU backend on.
+
+    ``fn`` must be importable (module level). A rank's exception is re-raised here.
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                       join=True, start_method="spawn")
