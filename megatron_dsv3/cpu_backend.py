@@ -22,49 +22,29 @@ The patches (see ``../shared/megatron-core-cpu.md`` for why each exists):
                              (gloo's all_to_all_single rejects tensors as split sizes).
 - ``optimizer_cuda_type``    ``tensor.type()`` answers ``torch.cuda.*Tensor`` for CPU tensors while
                              the optimizer and grad clipping compare it against CUDA type names.
+
+Training-loop patches (:func:`enable_training`, applied by the launcher after :func:`enable`):
+
+- ``pretrain_without_cuda``  ``initialize_megatron`` asserts CUDA and only builds the model-parallel
+                             groups and seeds the RNG tracker when ``torch.cuda.device_count() > 0``:
+                             it runs with ``allow_no_cuda`` and sees one (CPU) device while it runs.
+- ``device_arch_version``    ``validate_args`` asks the GPU architecture when TP > 1: on CPU it is 0
+                             (pre-Hopper rules: the launcher sets ``CUDA_DEVICE_MAX_CONNECTIONS=1``).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
+import functools
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .patches import Patch, apply, check_fingerprints as _check, resolve, source_fingerprint  # noqa: F401
+
 ENV_VAR = "MEGATRON_DSV3_CPU"
 _CPU = torch.device("cpu")
-
-
-@dataclass
-class Patch:
-    """One named change. ``targets`` maps 'module:qualname' to the sha1 (first 12 hex) of its source."""
-
-    name: str
-    why: str
-    apply: Callable[[], None]
-    targets: dict[str, str] = field(default_factory=dict)
-
-
-def _resolve(target: str):
-    mod_name, _, qual = target.partition(":")
-    obj = __import__(mod_name, fromlist=["_"])
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_ORIGINALS: dict[str, object] = {}
-
-
-def source_fingerprint(target: str) -> str:
-    """sha1 of the source of ``module:qualname`` as shipped (first 12 hex digits)."""
-    obj = _ORIGINALS.get(target) or _resolve(target)
-    return hashlib.sha1(inspect.getsource(obj).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +243,61 @@ PATCHES: list[Patch] = [
     ),
 ]
 
+# --------------------------------------------------------------------------------------------
+# pretrain_without_cuda (training loop)
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _one_cpu_device():
+    count = torch.cuda.device_count
+    torch.cuda.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.cuda.device_count = count
+
+
+def _patch_initialize_megatron():
+    from megatron.training import training
+
+    original = resolve("megatron.training.initialize:initialize_megatron")
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        with _one_cpu_device():
+            return original(*args, **kwargs)
+
+    training.initialize_megatron = initialize_megatron
+
+
+def _patch_device_arch():
+    from megatron.training import arguments
+
+    arguments.get_device_arch_version = lambda: 0
+
+
+TRAINING_PATCHES: list[Patch] = [
+    Patch(
+        "pretrain_without_cuda",
+        "initialize_megatron asserts CUDA; groups and RNG tracker are set up only if device_count() > 0",
+        _patch_initialize_megatron,
+        {
+            "megatron.training.initialize:initialize_megatron": "9aade6445a76",
+            "megatron.training.initialize:_initialize_distributed": "2d35a7d2bdc2",
+            "megatron.training.initialize:_set_random_seed": "dfebce4bdd82",
+        },
+    ),
+    Patch(
+        "device_arch_version",
+        "validate_args reads the GPU architecture when TP > 1",
+        _patch_device_arch,
+        {
+            "megatron.training.utils.common_utils:get_device_arch_version": "1c0d596af5b2",
+            "megatron.training.arguments:validate_args": "702f3a4a50c4",
+        },
+    ),
+]
+
 _ENABLED = False
 
 
@@ -276,7 +311,7 @@ def requested() -> bool:
 
 
 def enable(force: bool = False) -> None:
-    """Apply every patch (idempotent).
+    """Apply every Megatron-Core patch (idempotent).
 
     Args:
         force: allow enabling while CUDA is available (otherwise a clear error).
@@ -293,19 +328,21 @@ def enable(force: bool = False) -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     if "transformer_engine" in sys.modules:
         raise RuntimeError("the CPU backend cannot run with Transformer Engine imported")
-    for patch in PATCHES:
-        for target in patch.targets:
-            _ORIGINALS.setdefault(target, _resolve(target))
-        patch.apply()
+    apply(PATCHES)
     _ENABLED = True
+
+
+def enable_training() -> None:
+    """Also patch megatron.training's start-up for CPU (needs :func:`enable` first)."""
+    if not _ENABLED:
+        raise RuntimeError("cpu_backend.enable_training() needs cpu_backend.enable() first")
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    apply(TRAINING_PATCHES)
 
 
 def check_fingerprints() -> dict[str, tuple[str, str]]:
     """Targets whose source differs from the pinned version: {target: (expected, found)}."""
-    bad = {}
-    for patch in PATCHES:
-        for target, expected in patch.targets.items():
-            found = source_fingerprint(target)
-            if found != expected:
-                bad[target] = (expected, found)
-    return bad
+    from .patches import typing_override
+
+    apply([typing_override.PATCH])  # the training targets live in megatron.training
+    return _check(PATCHES + TRAINING_PATCHES)

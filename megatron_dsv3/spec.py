@@ -22,7 +22,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules, get_default_pg_collection
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
@@ -54,6 +54,27 @@ class Backend:
     experts: object
 
 
+class DSv3MoELayer(MoELayer):
+    """Megatron's MoELayer; a dispatcher registered in ``registry.DISPATCHERS`` as a class replaces
+    the one Megatron picks by name (Megatron's own names pass through unchanged)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        from .registry import dispatcher_class
+
+        name = config.moe_token_dispatcher_type
+        cls = dispatcher_class(name)
+        if cls is None:
+            super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
+            return
+        config.moe_token_dispatcher_type = "alltoall"  # Megatron only builds the names it knows
+        try:
+            super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
+        finally:
+            config.moe_token_dispatcher_type = name
+        self.token_dispatcher = cls(self.num_local_experts, self.local_expert_indices, config=config,
+                                    pg_collection=pg_collection or get_default_pg_collection())
+
+
 def backend_for(config: DSv3Config) -> Backend:
     if config.transformer_impl == "transformer_engine":
         from .te import te_backend  # raises a clear error when Transformer Engine is missing
@@ -76,7 +97,7 @@ def get_dsv3_layer_spec(config: DSv3Config, moe: bool) -> ModuleSpec:
     )
     swiglu = MLPSubmodules(linear_fc1=b.column, linear_fc2=b.row)
     if moe:
-        mlp = partial(MoELayer, submodules=MoESubmodules(
+        mlp = partial(DSv3MoELayer, submodules=MoESubmodules(
             experts=b.experts, shared_experts=partial(SharedExpertMLP, submodules=swiglu),
             router=DSv3Router))
     else:

@@ -1,0 +1,44 @@
+"""training_log_hook: run megatron-dsv3's metrics after every ``training_log`` call.
+
+``megatron.training.training.train`` calls ``training_log`` once per iteration on every rank, with
+the iteration's losses, learning rate and grad norm; there is no callback argument. The wrapper calls
+the original, then every function in :data:`HOOKS` with the same values (all ranks, so hooks may use
+collectives). Megatron's own logging is unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from . import Patch, resolve
+
+TARGET = "megatron.training.training:training_log"
+
+#: Called as ``hook(iteration=, loss_dict=, learning_rate=, grad_norm=, skipped_iter=)``.
+HOOKS: list[Callable] = []
+
+
+def _apply() -> None:
+    from megatron.training import training
+
+    original = resolve(TARGET)
+
+    @functools.wraps(original)
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                     report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
+        result = original(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                          report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        for hook in HOOKS:
+            hook(iteration=iteration, loss_dict=loss_dict, learning_rate=learning_rate,
+                 grad_norm=grad_norm, skipped_iter=skipped_iter)
+        return result
+
+    training.training_log = training_log
+
+
+PATCH = Patch(
+    "training_log_hook",
+    "train() calls training_log each iteration with no callback for extra metrics",
+    _apply,
+    {TARGET: "02a4e7b41dea"},
+)
