@@ -109,6 +109,10 @@ class DSv3Config(MLATransformerConfig):
     rms_norm_eps: Optional[float] = None
     """RMSNorm epsilon (671B: 1e-6)."""
 
+    ranks_per_node: Optional[int] = None
+    """Cluster topology, not model shape: GPUs per node (DSv3 training: 8). Used for the cross-node
+    routing metric; None = not known (the metric is not computed)."""
+
     def __post_init__(self):
         self._check_dsv3_fields()
         self._derive_megatron_fields()

@@ -1,5 +1,355 @@
-"""placeholder"""
-def apply_coefficient_schedules(model, args):
-    pass
-def install(args):
-    pass
+"""DeepSeek-V3 training metrics for the console and W&B (called by the launcher every iteration).
+
+Megatron's own metrics stay as they are (console line; W&B: ``mtp_k loss``, ``seq_load_balancing_loss``
+...). This module adds, under the names listed in :data:`METRICS` (also in the README):
+
+- every iteration: the objective and its parts, lr, grad norm, throughput (tokens/s, TFLOP/s per
+  device from the exact count in :mod:`megatron_dsv3.flops`, MFU when the device peak is known), and
+  the current gamma / lambda of the token-keyed schedules;
+- every ``--log-interval`` iterations: per-layer expert load (tokens per expert summed over all ranks
+  that route for the layer), its max violation ``(max_e load - mean load) / mean load``, a heatmap
+  image (layers x experts, load / mean), the expert biases (per expert for small models, min / max /
+  std per layer otherwise, plus a heatmap), and the share of routed (token, expert) pairs whose expert
+  sits on another node for ``--ranks-per-node`` (with the mean number of other nodes a token reaches).
+
+Everything that needs a collective runs on every rank; only the last rank (Megatron's W&B rank)
+writes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .coefficients import Schedule
+
+#: W&B names written by megatron-dsv3 ({L}: 1-based decoder layer, MTP layers after the decoder; {e}: expert).
+METRICS = {
+    "train/loss": "lm loss + lambda/D * sum_k mtp_k loss + alpha * sum over MoE layers of the sequence "
+                  "balance loss (needs W&B: the MTP and balance values are Megatron's W&B scalars)",
+    "train/lm_loss": "cross-entropy of the main next-token head",
+    "train/mtp_loss": "lambda/D * sum_k mtp_k loss (Megatron also logs each depth as 'mtp_k loss')",
+    "train/seq_balance_loss": "alpha * sum over MoE layers of the sequence-wise balance loss",
+    "train/lr": "learning rate", "train/grad_norm": "gradient norm after clipping is computed",
+    "train/gamma": "expert-bias update speed in force", "train/mtp_lambda": "MTP weight in force",
+    "perf/iteration_time_s": "wall time of the iteration", "perf/tokens_per_s": "global tokens / s",
+    "perf/tflops_per_device": "exact model FLOPs (fwd+bwd, causal) / s / device",
+    "perf/mfu": "tflops_per_device / device peak (only when the peak is known)",
+    "moe/maxvio/layer_{L}": "(max load - mean load) / mean load of layer L over the log interval",
+    "moe/maxvio_mean": "mean of the per-layer max violations", "moe/maxvio_max": "largest per-layer one",
+    "moe/load_heatmap": "image: layers x experts, load / mean load (log2 colour scale, -2..2)",
+    "moe/expert_bias/layer_{L}/expert_{e}": "expert bias (when layers x experts <= 1024)",
+    "moe/expert_bias/layer_{L}/{min,max,std}": "bias summary per layer",
+    "moe/bias_heatmap": "image: layers x experts expert bias",
+    "moe/cross_node_share": "routed (token, expert) pairs whose expert is on another node",
+    "moe/remote_nodes_per_token": "mean number of other nodes a token is sent to",
+}
+
+_PER_EXPERT_LIMIT = 1024
+
+
+class _State:
+    gamma: Optional[Schedule] = None
+    lam: Optional[Schedule] = None
+    last_time: Optional[float] = None
+    flops_per_iter: Optional[float] = None
+    peak: Optional[float] = None
+    told: set = set()
+    heatmap_dir: Optional[str] = None
+
+
+_S = _State()
+
+
+def install(args) -> None:
+    """Set up the schedules and register :func:`on_iteration` with the training_log hook."""
+    from .patches import training_log_hook
+
+    _S.gamma = (Schedule.parse(args.moe_router_bias_update_schedule, "--moe-router-bias-update-schedule")
+                if args.moe_router_bias_update_schedule else None)
+    _S.lam = (Schedule.parse(args.mtp_loss_scaling_schedule, "--mtp-loss-scaling-schedule")
+              if args.mtp_loss_scaling_schedule else None)
+    _S.peak = args.peak_tflops
+    _S.heatmap_dir = os.path.join(args.save, "expert_load") if args.save else None
+    if on_iteration not in training_log_hook.HOOKS:
+        training_log_hook.HOOKS.append(on_iteration)
+
+
+def apply_coefficient_schedules(model, args) -> None:
+    """Set gamma and lambda for the current consumed tokens on the model config (read by Megatron's
+    finalize_model_grads bias update and MTP loss scaling)."""
+    if _S.gamma is None and _S.lam is None:
+        return
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    tokens = args.consumed_train_samples * args.seq_length
+    if _S.gamma is not None:
+        config.moe_router_bias_update_rate = config.bias_update_rate = _S.gamma.at(tokens)
+    if _S.lam is not None and config.mtp_num_layers:
+        config.mtp_loss_scaling_factor = config.mtp_lambda = _S.lam.at(tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+def _routers(model_chunks):
+    from .router import DSv3Router
+
+    found = []
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, DSv3Router):
+                found.append(module)
+    return found
+
+
+def _layer_id(router, config) -> int:
+    return router.layer_number + (config.num_layers if router.is_mtp_layer else 0)
+
+
+def collect_expert_stats(model_chunks, config, routing_group, pp_group) -> Optional[dict]:
+    """Per-layer load / bias / cross-node counts since the last call, summed over ``routing_group``
+    (the ranks that route for the same layers) and gathered over ``pp_group``. Resets the counters.
+    Collective: every rank must call it."""
+    routers = _routers(model_chunks)
+    E = config.n_routed_experts
+    n = len(routers)
+    load = torch.stack([r.load_since_log for r in routers]) if n else torch.zeros(0, E)
+    cross = torch.stack([r.cross_node_since_log for r in routers]) if n else torch.zeros(0, 3)
+    if n:
+        torch.distributed.all_reduce(load, group=routing_group)
+        torch.distributed.all_reduce(cross, group=routing_group)
+        for r in routers:
+            r.load_since_log.zero_()
+            r.cross_node_since_log.zero_()
+    payload = {
+        _layer_id(r, config): {
+            "load": load[i].cpu().numpy(),
+            "bias": (r.expert_bias.detach().float().cpu().numpy() if r.expert_bias is not None else None),
+            "cross": cross[i].cpu().numpy(),
+        } for i, r in enumerate(routers)
+    }
+    gathered = [None] * torch.distributed.get_world_size(pp_group)
+    torch.distributed.all_gather_object(gathered, payload, group=pp_group)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def expert_scalars(stats: dict, per_expert: bool, with_cross: bool) -> dict:
+    out = {}
+    vio = []
+    for layer in sorted(stats):
+        load = stats[layer]["load"]
+        mean = load.mean()
+        if mean > 0:
+            v = float((load.max() - mean) / mean)
+            vio.append(v)
+            out[f"moe/maxvio/layer_{layer}"] = v
+        bias = stats[layer]["bias"]
+        if bias is not None:
+            if per_expert:
+                for e, b in enumerate(bias):
+                    out[f"moe/expert_bias/layer_{layer}/expert_{e}"] = float(b)
+            out[f"moe/expert_bias/layer_{layer}/min"] = float(bias.min())
+            out[f"moe/expert_bias/layer_{layer}/max"] = float(bias.max())
+            out[f"moe/expert_bias/layer_{layer}/std"] = float(bias.std())
+    if vio:
+        out["moe/maxvio_mean"] = float(np.mean(vio))
+        out["moe/maxvio_max"] = float(np.max(vio))
+    if with_cross and stats:
+        cross = sum(s["cross"] for s in stats.values())
+        if cross[2] > 0:
+            assignments = sum(s["load"].sum() for s in stats.values())
+            out["moe/cross_node_share"] = float(cross[0] / max(assignments, 1))
+            out["moe/remote_nodes_per_token"] = float(cross[1] / cross[2])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Heatmaps without matplotlib: a 5-stop perceptual palette (viridis anchors), nearest-neighbour cells.
+_PALETTE = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+
+
+def heatmap_rgb(values: np.ndarray, lo: float, hi: float, cell: Optional[int] = None) -> np.ndarray:
+    """[rows, cols] -> uint8 RGB image [rows*cell, cols*cell, 3]; values clipped to [lo, hi].
+    Default cell size: about 512 px wide, 2..32 px per cell."""
+    if cell is None:
+        cell = max(2, min(32, 512 // max(values.shape[1], 1)))
+    t = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * (len(_PALETTE) - 1)
+    i = np.minimum(t.astype(int), len(_PALETTE) - 2)
+    f = (t - i)[..., None]
+    rgb = _PALETTE[i] * (1 - f) + _PALETTE[i + 1] * f
+    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1).astype(np.uint8)
+
+
+def load_heatmap(stats: dict) -> np.ndarray:
+    """log2(load / mean load) per layer, rows in layer order."""
+    rows = []
+    for layer in sorted(stats):
+        load = stats[layer]["load"].astype(float)
+        rows.append(np.log2(np.maximum(load, 1e-9) / max(load.mean(), 1e-9)))
+    return heatmap_rgb(np.array(rows), -2.0, 2.0)
+
+
+def bias_heatmap(stats: dict) -> Optional[np.ndarray]:
+    rows = [stats[k]["bias"] for k in sorted(stats) if stats[k]["bias"] is not None]
+    if not rows:
+        return None
+    b = np.array(rows)
+    span = max(float(np.abs(b).max()), 1e-6)
+    return heatmap_rgb(b, -span, span)
+
+
+def _save_png(rgb: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+def _tell_once(key: str, message: str) -> None:
+    from megatron.training import print_rank_last
+
+    if key not in _S.told:
+        _S.told.add(key)
+        print_rank_last(f"[dsv3] {message}")
+
+
+def _flops_per_iteration(args, config) -> float:
+    from .flops import train_flops_per_iteration
+
+    if _S.flops_per_iter is None:
+        _S.flops_per_iter = train_flops_per_iteration(config, args.seq_length, args.global_batch_size,
+                                                      causal=True)
+    return _S.flops_per_iter
+
+
+def _peak(args) -> Optional[float]:
+    if _S.peak is not None:
+        return _S.peak
+    if not torch.cuda.is_available():
+        _tell_once("peak", "MFU not logged: no GPU peak for this device (give --peak-tflops)")
+        return None
+    from .flops import peak_tflops
+
+    name = torch.cuda.get_device_name()
+    _S.peak = peak_tflops(name, "fp8" if args.fp8 else "bf16")
+    if _S.peak is None:
+        _tell_once("peak", f"MFU not logged: {name!r} is not in flops.PEAK_TFLOPS (give --peak-tflops)")
+    return _S.peak
+
+
+def _training_seconds() -> float:
+    """Time Megatron's 'interval-time' timer has run (training steps only: it is stopped while
+    checkpoints are saved and during evaluation). Reads the timer's running total, which Megatron
+    never resets (``Timer._active_time``; checked by tests/test_patches.py)."""
+    from megatron.training import get_timers
+
+    timer = get_timers()("interval-time", log_level=0)
+    running = time.time() - timer._start_time if timer._started else 0.0
+    return timer._active_time + running
+
+
+def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter, wandb_logged=None):
+    """The training_log hook: every rank, every iteration."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args, get_wandb_writer, print_rank_last
+
+    args = get_args()
+    now = _training_seconds()
+    dt = None if _S.last_time is None else now - _S.last_time
+    _S.last_time = now
+    if not _CHUNKS:
+        return
+    model = _CHUNKS
+    config = model[0].config
+    scalars = {}
+    if "lm loss" in loss_dict:
+        lm = float(loss_dict["lm loss"])
+        scalars["train/lm_loss"] = lm
+        logged = wandb_logged or {}
+        mtp = [float(logged[k]) for k in sorted(logged) if k.startswith("mtp_") and k.endswith(" loss")]
+        total = lm
+        if mtp:
+            lam = config.mtp_loss_scaling_factor
+            scalars["train/mtp_loss"] = lam / len(mtp) * sum(mtp)
+            total += scalars["train/mtp_loss"]
+        if "seq_load_balancing_loss" in logged and config.num_moe_experts:
+            n_moe = (config.num_layers - config.first_k_dense_replace) + (config.mtp_num_layers or 0)
+            scalars["train/seq_balance_loss"] = config.seq_aux_alpha * float(logged["seq_load_balancing_loss"]) * n_moe
+            total += scalars["train/seq_balance_loss"]
+        if mtp or "train/seq_balance_loss" in scalars:
+            scalars["train/loss"] = total
+    if learning_rate is not None:
+        scalars["train/lr"] = float(learning_rate)
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    if config.num_moe_experts:
+        scalars["train/gamma"] = float(config.moe_router_bias_update_rate)
+    if config.mtp_num_layers:
+        scalars["train/mtp_lambda"] = float(config.mtp_loss_scaling_factor)
+    if dt:
+        tokens = args.global_batch_size * args.seq_length
+        flops = _flops_per_iteration(args, config)
+        scalars["perf/iteration_time_s"] = dt
+        scalars["perf/tokens_per_s"] = tokens / dt
+        scalars["perf/tflops_per_device"] = flops / dt / args.world_size / 1e12
+        peak = _peak(args)
+        if peak:
+            scalars["perf/mfu"] = scalars["perf/tflops_per_device"] / peak
+
+    images = {}
+    console = []
+    if config.num_moe_experts and iteration % args.log_interval == 0:
+        stats = collect_expert_stats(
+            model, config, parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+            parallel_state.get_pipeline_model_parallel_group())
+        per_expert = len(stats) * config.n_routed_experts <= _PER_EXPERT_LIMIT
+        with_cross = config.ranks_per_node is not None
+        if not with_cross:
+            _tell_once("rpn", "cross-node routing metric off: ranks per node unknown (--ranks-per-node)")
+        ex = expert_scalars(stats, per_expert, with_cross)
+        scalars.update(ex)
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and stats:
+            images["moe/load_heatmap"] = load_heatmap(stats)
+            bias = bias_heatmap(stats)
+            if bias is not None:
+                images["moe/bias_heatmap"] = bias
+            if _S.heatmap_dir:
+                _save_png(images["moe/load_heatmap"], os.path.join(_S.heatmap_dir, "load_latest.png"))
+        if "moe/maxvio_mean" in ex:
+            console.append(f"maxvio mean/max: {ex['moe/maxvio_mean']:.3f}/{ex['moe/maxvio_max']:.3f}")
+        if "moe/cross_node_share" in ex:
+            console.append(f"cross-node share: {ex['moe/cross_node_share']:.3f} "
+                           f"({ex['moe/remote_nodes_per_token']:.2f} other nodes/token)")
+    if iteration % args.log_interval == 0:
+        if "perf/tokens_per_s" in scalars:
+            console.insert(0, f"tokens/s: {scalars['perf/tokens_per_s']:.0f} | "
+                              f"TFLOP/s/device: {scalars['perf/tflops_per_device']:.3f}"
+                           + (f" | MFU: {100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars else ""))
+        if "train/gamma" in scalars:
+            console.append(f"gamma: {scalars['train/gamma']:.3g}")
+        if "train/mtp_lambda" in scalars:
+            console.append(f"lambda: {scalars['train/mtp_lambda']:.3g}")
+        if console:
+            print_rank_last(f" [dsv3] iteration {iteration:8d} | " + " | ".join(console))
+
+    writer = get_wandb_writer()
+    if writer is not None:
+        payload = dict(scalars)
+        for key, rgb in images.items():
+            payload[key] = writer.Image(rgb, caption=f"iteration {iteration}")
+        writer.log(payload, step=iteration)
+
+
+#: The model chunks of this rank, recorded by the launcher's model provider.
+_CHUNKS: list = []
+
+
+def register_chunk(module) -> None:
+    _CHUNKS.append(module)

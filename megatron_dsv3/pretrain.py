@@ -296,6 +296,9 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
             raise LaunchError(f"{_flag(dest)} {got!r}: {why}, so it must be {value!r} (or left out)")
     if args.spec:
         raise LaunchError("--spec: the launcher builds the DSv3 layer specs itself; drop --spec")
+    if args.calculate_per_token_loss:
+        raise LaunchError("--calculate-per-token-loss is not supported by the DSv3 router's balance loss "
+                          "scaling yet; drop it")
     if args.yaml_cfg is not None or args.use_checkpoint_args:
         raise LaunchError("--yaml-cfg / --use-checkpoint-args are not supported by dsv3-pretrain")
     if args.cpu:
@@ -411,6 +414,7 @@ def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = No
               if f.init and f.name not in DERIVED and f.name not in own}
     kwargs.update(fields)
     kwargs["vocab_size"] = args.padded_vocab_size
+    kwargs["ranks_per_node"] = args.ranks_per_node
     return DSv3Config(**kwargs)
 
 
@@ -434,14 +438,17 @@ DERIVED = frozenset({
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
     from megatron.training import get_args, print_rank_0
 
+    from . import metrics
     from .spec import build_model
 
     args = get_args()
     cfg = model_config_from_args(args)
     print_rank_0(f"> building DeepSeek-V3 model ({args.dsv3_preset or args.dsv3_hf_config}): "
                  f"{cfg.num_layers} layers, {cfg.n_routed_experts} experts, MTP depth {cfg.mtp_num_layers or 0}")
-    return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                       pg_collection=pg_collection)
+    model = build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                        pg_collection=pg_collection)
+    metrics.register_chunk(model)
+    return model
 
 
 def _dataset_config(args):
@@ -525,6 +532,16 @@ def prepare(argv: list[str]) -> argparse.Namespace:
         args.no_persist_layer_norm = True
     fields = resolve_model_fields(args, given)
     check_launch(args, given, fields)
+    notes = []
+    for dest in ("attention_dropout", "hidden_dropout"):
+        if dest not in given:   # Megatron's default is 0.1; DeepSeek-V3 trains without dropout
+            setattr(args, dest, 0.0)
+            notes.append(f"{_flag(dest)} 0.0")
+    if args.ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
+        args.ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        notes.append(f"--ranks-per-node {args.ranks_per_node} (LOCAL_WORLD_SIZE)")
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print("[dsv3] from the DSv3 model / launch environment: " + ", ".join(notes), flush=True)
     apply_to_megatron_args(args, fields)
     args.dsv3_fields = fields
     args.dsv3_given = sorted(given)

@@ -3,18 +3,22 @@
 ``megatron.training.training.train`` calls ``training_log`` once per iteration on every rank, with
 the iteration's losses, learning rate and grad norm; there is no callback argument. The wrapper calls
 the original, then every function in :data:`HOOKS` with the same values (all ranks, so hooks may use
-collectives). Megatron's own logging is unchanged.
+collectives), plus ``wandb_logged``: the scalars Megatron itself sent to W&B during the call (its MTP
+and MoE losses, reduced over ranks), so hooks need not recompute them. Megatron's own logging is
+unchanged.
 """
 from __future__ import annotations
 
 import functools
 from typing import Callable
 
+import torch
+
 from . import Patch, resolve
 
 TARGET = "megatron.training.training:training_log"
 
-#: Called as ``hook(iteration=, loss_dict=, learning_rate=, grad_norm=, skipped_iter=)``.
+#: Called as ``hook(iteration=, loss_dict=, learning_rate=, grad_norm=, skipped_iter=, wandb_logged=)``.
 HOOKS: list[Callable] = []
 
 
@@ -26,11 +30,26 @@ def _apply() -> None:
     @functools.wraps(original)
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
                      report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
-        result = original(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                          report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        from megatron.training.global_vars import get_wandb_writer
+
+        writer, logged = get_wandb_writer(), {}
+        if writer is not None:
+            log = writer.log
+
+            def recording_log(data, step=None, *a, **kw):
+                logged.update({k: v for k, v in data.items() if isinstance(v, (int, float, torch.Tensor))})
+                return log(data, step, *a, **kw)
+
+            writer.log = recording_log
+        try:
+            result = original(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                              report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        finally:
+            if writer is not None:
+                writer.log = log
         for hook in HOOKS:
             hook(iteration=iteration, loss_dict=loss_dict, learning_rate=learning_rate,
-                 grad_norm=grad_norm, skipped_iter=skipped_iter)
+                 grad_norm=grad_norm, skipped_iter=skipped_iter, wandb_logged=logged)
         return result
 
     training.training_log = training_log

@@ -10,7 +10,7 @@
 #     --ignore-requires-python (it declares Python >= 3.12 but its cp311 wheel works).
 #  3. triton: `import megatron.core` 0.19.2 imports it unconditionally.
 #  4. this package in editable mode without dependency resolution (deps are already here), then
-#     the test-only dependencies (pytest, transformers for the HF reference model).
+#     the test-only dependency (pytest).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -51,11 +51,11 @@ echo "[setup] megatron-core==$MCORE_VERSION and its dependencies"
 "${PIP[@]}" install --no-deps --ignore-requires-python "megatron-core==$MCORE_VERSION"
 
 echo "[setup] megatron-dsv3 (editable) and runtime dependencies"
-"${PIP[@]}" install safetensors wandb datasets tqdm regex sentencepiece
+"${PIP[@]}" install safetensors wandb datasets tqdm regex sentencepiece pillow "transformers>=4.57" tokenizers
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null || "${PIP[@]}" install --no-deps -e "$ROOT"
 
 echo "[setup] test dependencies"
-"${PIP[@]}" install pytest "transformers>=4.57" tokenizers
+"${PIP[@]}" install pytest
 
 "$VENV/bin/python" -c "import megatron.core, megatron_dsv3, torch; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
 sha1sum "$ROOT/tools/setup_env.sh" "$ROOT/pyproject.toml" | sha1sum > "$VENV/.dsv3-setup-ok"
