@@ -17,6 +17,7 @@ writes.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Optional
@@ -44,6 +45,8 @@ METRICS = {
     "moe/expert_bias/layer_{L}/expert_{e}": "expert bias (when layers x experts <= 1024)",
     "moe/expert_bias/layer_{L}/{min,max,std}": "bias summary per layer",
     "moe/bias_heatmap": "image: layers x experts expert bias",
+    "moe/bias_replica_spread": "largest difference between replicas of one layer's bias over the ranks "
+                               "that hold it (must be 0: they update from the same summed counts)",
     "moe/cross_node_share": "routed (token, expert) pairs whose expert is on another node",
     "moe/remote_nodes_per_token": "mean number of other nodes a token is sent to",
 }
@@ -59,6 +62,7 @@ class _State:
     peak: Optional[float] = None
     told: set = set()
     heatmap_dir: Optional[str] = None
+    jsonl: Optional[str] = None
 
 
 _S = _State()
@@ -74,6 +78,7 @@ def install(args) -> None:
               if args.mtp_loss_scaling_schedule else None)
     _S.peak = args.peak_tflops
     _S.heatmap_dir = os.path.join(args.save, "expert_load") if args.save else None
+    _S.jsonl = args.metrics_jsonl
     if on_iteration not in training_log_hook.HOOKS:
         training_log_hook.HOOKS.append(on_iteration)
 
@@ -118,17 +123,25 @@ def collect_expert_stats(model_chunks, config, routing_group, pp_group) -> Optio
     n = len(routers)
     load = torch.stack([r.load_since_log for r in routers]) if n else torch.zeros(0, E)
     cross = torch.stack([r.cross_node_since_log for r in routers]) if n else torch.zeros(0, 3)
+    spread = torch.zeros(n)
     if n:
         torch.distributed.all_reduce(load, group=routing_group)
         torch.distributed.all_reduce(cross, group=routing_group)
         for r in routers:
             r.load_since_log.zero_()
             r.cross_node_since_log.zero_()
+        if routers[0].expert_bias is not None:   # every replica of a layer's bias must be identical
+            bias = torch.stack([r.expert_bias.detach().float() for r in routers])
+            hi, lo = bias.clone(), bias.clone()
+            torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=routing_group)
+            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=routing_group)
+            spread = (hi - lo).amax(dim=1).cpu()
     payload = {
         _layer_id(r, config): {
             "load": load[i].cpu().numpy(),
             "bias": (r.expert_bias.detach().float().cpu().numpy() if r.expert_bias is not None else None),
             "cross": cross[i].cpu().numpy(),
+            "spread": float(spread[i]),
         } for i, r in enumerate(routers)
     }
     gathered = [None] * torch.distributed.get_world_size(pp_group)
@@ -157,6 +170,9 @@ def expert_scalars(stats: dict, per_expert: bool, with_cross: bool) -> dict:
             out[f"moe/expert_bias/layer_{layer}/min"] = float(bias.min())
             out[f"moe/expert_bias/layer_{layer}/max"] = float(bias.max())
             out[f"moe/expert_bias/layer_{layer}/std"] = float(bias.std())
+    spreads = [s["spread"] for s in stats.values() if s["bias"] is not None]
+    if spreads:
+        out["moe/bias_replica_spread"] = float(max(spreads))
     if vio:
         out["moe/maxvio_mean"] = float(np.mean(vio))
         out["moe/maxvio_max"] = float(np.max(vio))
@@ -339,6 +355,9 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
         if console:
             print_rank_last(f" [dsv3] iteration {iteration:8d} | " + " | ".join(console))
 
+    if _S.jsonl and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        with open(_S.jsonl, "a") as f:
+            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
     writer = get_wandb_writer()
     if writer is not None:
         payload = dict(scalars)

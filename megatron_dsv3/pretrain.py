@@ -157,6 +157,9 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device, for MFU on devices not in "
                         "megatron_dsv3.flops.PEAK_TFLOPS")
+    g.add_argument("--metrics-jsonl", default=None,
+                   help="also append every iteration's DSv3 scalars (full precision) to this JSON-lines "
+                        "file (written by the last rank)")
     g.add_argument("--cpu", action="store_true",
                    help="train on CPU with gloo through megatron_dsv3.cpu_backend (sets "
                         + ", ".join(f"{k}={v}" for k, v in CPU_FLAGS.items()) + ")")
@@ -307,6 +310,11 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
                 raise LaunchError(f"--cpu runs with {_flag(dest)}={value!r}; drop {_flag(dest)}")
         if args.fp8 is not None:
             raise LaunchError("--fp8-format needs Transformer Engine on NVIDIA GPUs; it cannot run with --cpu")
+        etp = args.expert_tensor_parallel_size
+        if etp is not None and etp > 1 or etp is None and args.tensor_model_parallel_size > 1:
+            raise LaunchError("--cpu: expert tensor parallelism (Megatron's default --expert-tensor-parallel-size "
+                              "is the TP size) gathers uneven token shards, which gloo cannot; pass "
+                              "--expert-tensor-parallel-size 1 (DeepSeek-V3 shards experts by EP only)")
     if args.fp8 is not None or (not args.cpu and args.transformer_impl == "transformer_engine"):
         if importlib.util.find_spec("transformer_engine") is None:
             what = "--fp8-format" if args.fp8 is not None else "--transformer-impl transformer_engine (the default)"

@@ -1,0 +1,140 @@
+"""The launcher on Megatron's training loop: layout parity, exact resume, a save killed midway, and
+every expert-bias replica staying identical.
+
+One world-1 run (A) trains 6 steps and saves at step 3. From that checkpoint:
+  B  world 1, resumed           -> steps 4..6 must equal A's exactly (same floats);
+  C  TP2 x EP2 (SP) on 4 ranks  -> steps 4..6 within 1e-5 relative of A;
+  D  PP2 x EP2 on 4 ranks       -> steps 4..6 within 1e-5 relative of A.
+Starting all layouts from one checkpoint gives them identical weights (Megatron initialises each
+layout's shards from different RNG streams); resharding the checkpoint is part of what is tested.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from launch import LAYOUTS, TINY, launch, metrics, run_ok
+
+STEPS = ["--train-iters", "6"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    ckpt = root / "ckpt_a"
+    log = run_ok(1, TINY + STEPS + ["--save", str(ckpt), "--save-interval", "3",
+                                    "--metrics-jsonl", str(root / "a.jsonl")])
+    assert (ckpt / "iter_0000003").is_dir() and (ckpt / "iter_0000006").is_dir(), log[-3000:]
+    return root, metrics(str(root / "a.jsonl"))
+
+
+def _resume_from_3(root, name):
+    """A checkpoint dir holding only A's step-3 checkpoint."""
+    src, dst = root / "ckpt_a", root / f"ckpt_{name}"
+    shutil.copytree(src / "iter_0000003", dst / "iter_0000003")
+    (dst / "latest_checkpointed_iteration.txt").write_text("3")
+    return dst
+
+
+def test_loss_falls_and_metrics_are_logged(run_a):
+    _, a = run_a
+    assert sorted(a) == [1, 2, 3, 4, 5, 6]
+    assert a[6]["train/lm_loss"] < a[1]["train/lm_loss"]
+    for key in ("train/lr", "train/grad_norm", "train/gamma", "train/mtp_lambda", "moe/maxvio_mean"):
+        assert key in a[6], key
+    assert "perf/tokens_per_s" in a[6] and a[6]["perf/tflops_per_device"] > 0
+
+
+def test_resume_matches_uninterrupted_run(run_a):
+    """Stop at step 3, resume from the checkpoint (model, Adam state, lr schedule, RNG, data position):
+    steps 4..6 are the very same floats as the uninterrupted run."""
+    root, a = run_a
+    ckpt = _resume_from_3(root, "resume")
+    out = root / "resume.jsonl"
+    log = run_ok(1, TINY + STEPS + ["--load", str(ckpt), "--metrics-jsonl", str(out)])
+    assert "loaded checkpoint" in log.lower() or "loading checkpoint" in log.lower(), log[-3000:]
+    b = metrics(str(out))
+    assert sorted(b) == [4, 5, 6], f"resumed run logged iterations {sorted(b)}"
+    for it in (4, 5, 6):
+        assert b[it]["train/lm_loss"] == a[it]["train/lm_loss"], (it, b[it], a[it])
+        assert b[it]["train/grad_norm"] == a[it]["train/grad_norm"]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(run_a):
+    """Each layout loads A's step-3 weights (no optimizer state: Megatron's non-distributed
+    optimizer checkpoint does not reshard across layouts) and trains steps 4..6."""
+    root, _ = run_a
+    ckpt = _resume_from_3(root, "layouts")
+    results = {}
+    for layout, (nproc, extra) in LAYOUTS.items():
+        out = root / f"{layout}.jsonl"
+        run_ok(nproc, TINY + STEPS + extra + ["--load", str(ckpt), "--no-load-optim", "--no-load-rng",
+                                              "--metrics-jsonl", str(out)])
+        results[layout] = metrics(str(out))
+    return results
+
+
+@pytest.mark.parametrize("layout", ["tp2ep2", "pp2ep2"])
+def test_layouts_match_world_size_1(layout_runs, layout):
+    ref, got = layout_runs["world1"], layout_runs[layout]
+    assert sorted(got) == sorted(ref) == [4, 5, 6]
+    for it in (4, 5, 6):
+        r, g = ref[it]["train/lm_loss"], got[it]["train/lm_loss"]
+        assert abs(g - r) <= 1e-5 * abs(r), f"{layout} iteration {it}: {g!r} vs world 1 {r!r}"
+    assert ref[6]["train/lm_loss"] < ref[4]["train/lm_loss"] + 0.5  # it trained, not diverged
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(run_a, tmp_path):
+    """Kill the run while its step-4 checkpoint is being written (the shard files are on disk but the
+    save has not finished); the step-2 checkpoint must still load and continue exactly like run A."""
+    root, a = run_a
+    ckpt = tmp_path / "ckpt"
+    proc = launch(1, TINY + STEPS + ["--save", str(ckpt), "--save-interval", "2"], popen=True,
+                  entry=[os.path.join(os.path.dirname(__file__), "stall_save.py"), "4"])
+    deadline, seen = time.time() + 300, ""
+    try:
+        for line in proc.stdout:
+            seen += line
+            if "DSV3_TEST: save stalled" in line:
+                break
+            assert time.time() < deadline, seen[-3000:]
+        else:
+            pytest.fail("the run ended without reaching the stalled save:\n" + seen[-3000:])
+        assert (ckpt / "iter_0000004").exists(), "the killed save should have left a partial directory"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    out = tmp_path / "resumed.jsonl"
+    run_ok(1, TINY + STEPS + ["--load", str(ckpt), "--metrics-jsonl", str(out)])
+    resumed = metrics(str(out))
+    assert sorted(resumed) == [3, 4, 5, 6]
+    assert all(resumed[i]["train/lm_loss"] == a[i]["train/lm_loss"] for i in (3, 4, 5, 6))
+
+
+def test_expert_bias_moves_by_gamma_and_replicas_stay_identical(run_a, layout_runs):
+    """The sign rule: after n steps every bias is a multiple of gamma with |b| <= n * gamma, and
+    some moved. Under TP2 x EP2 every rank that routes for a layer holds the same bias (the launcher
+    measures the spread over replicas with a MAX/MIN all-reduce each log step)."""
+    _, a = run_a
+    gamma = a[6]["train/gamma"]
+    biases = [v for k, v in a[6].items() if _per_expert_bias(k)]
+    assert len(biases) == 4 * 8  # 3 MoE layers + 1 MTP layer, 8 experts
+    steps = [b / gamma for b in biases]
+    assert all(abs(x - round(x)) < 1e-3 and abs(x) <= 6 + 1e-3 for x in steps), steps
+    assert any(round(x) != 0 for x in steps)
+    assert a[6]["moe/bias_replica_spread"] == 0.0
+    for layout in ("tp2ep2", "pp2ep2"):
+        c = layout_runs[layout]
+        assert all(c[i]["moe/bias_replica_spread"] == 0.0 for i in (4, 5, 6)), layout
+        assert any(abs(v) > 0 for k, v in c[6].items() if _per_expert_bias(k))
+
+
+def _per_expert_bias(key: str) -> bool:
+    return key.startswith("moe/expert_bias/") and key.rsplit("/", 1)[1].startswith("expert_")
