@@ -157,6 +157,12 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device, for MFU on devices not in "
                         "megatron_dsv3.flops.PEAK_TFLOPS")
+    g.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="load the --load checkpoint, write it as a HF DeepSeek-V3 checkpoint to DIR "
+                        "(config.json + model.safetensors) and exit without training (no pipeline "
+                        "parallelism)")
+    g.add_argument("--export-hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the exported weights (the expert bias stays fp32)")
     g.add_argument("--metrics-jsonl", default=None,
                    help="also append every iteration's DSv3 scalars (full precision) to this JSON-lines "
                         "file (written by the last rank)")
@@ -260,6 +266,9 @@ def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
         if not isinstance(freq, list) or len(freq) != L or freq != [0] * k + [1] * (L - k):
             raise LaunchError("--moe-layer-freq: DSv3 has dense layers first, then MoE "
                               "([0]*k+[1]*(L-k)); give --first-k-dense-replace k instead")
+        if "first_k_dense_replace" in given and args.first_k_dense_replace != k:
+            raise LaunchError(f"--moe-layer-freq says {k} dense layers but --first-k-dense-replace says "
+                              f"{args.first_k_dense_replace}; give only one of them")
         fields["first_k_dense_replace"] = k
     rope = fields.get("rope_scaling")
     if "rope_type" in given and args.rope_type == "rope":
@@ -290,6 +299,14 @@ def _single(value, dest):
 
 def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> None:
     """Errors a launch would otherwise hit late (or never): each names the flag to change."""
+    _check_fixed_and_unsupported(args, given)
+    _check_parallel(args, fields)
+    _check_backend(args, given)
+    _check_data(args)
+    _check_schedules_and_registry(args)
+
+
+def _check_fixed_and_unsupported(args, given) -> None:
     for dest, (value, why) in FIXED_ARGS.items():
         if value is None or dest not in given:
             continue
@@ -299,11 +316,34 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
             raise LaunchError(f"{_flag(dest)} {got!r}: {why}, so it must be {value!r} (or left out)")
     if args.spec:
         raise LaunchError("--spec: the launcher builds the DSv3 layer specs itself; drop --spec")
+    if args.export_hf is not None:
+        if not args.load:
+            raise LaunchError("--export-hf needs --load CHECKPOINT_DIR (the checkpoint to export)")
+        if args.pipeline_model_parallel_size > 1:
+            raise LaunchError("--export-hf gathers over TP/EP only: run it with "
+                              "--pipeline-model-parallel-size 1 (the checkpoint reshards on load)")
     if args.calculate_per_token_loss:
         raise LaunchError("--calculate-per-token-loss is not supported by the DSv3 router's balance loss "
                           "scaling yet; drop it")
     if args.yaml_cfg is not None or args.use_checkpoint_args:
         raise LaunchError("--yaml-cfg / --use-checkpoint-args are not supported by dsv3-pretrain")
+
+
+def _check_parallel(args, fields) -> None:
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    heads, experts = fields["num_attention_heads"], fields.get("n_routed_experts")
+    if heads % tp:
+        raise LaunchError(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size "
+                          f"{tp}: choose a TP size that divides the head count")
+    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+    if moe and experts % ep:
+        raise LaunchError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: "
+                          "choose an EP size that divides the expert count")
+    if moe and tp > 1 and not args.sequence_parallel:
+        raise LaunchError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+
+
+def _check_backend(args, given) -> None:
     if args.cpu:
         for dest, value in CPU_FLAGS.items():
             if dest in given and getattr(args, dest) != value:
@@ -321,33 +361,28 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
             raise LaunchError(f"{what} needs Transformer Engine, which is not installed: "
                               "pip install 'megatron-dsv3[te]', or use --transformer-impl local "
                               "without --fp8-format")
-    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
-    heads, experts = fields["num_attention_heads"], fields.get("n_routed_experts")
-    if heads % tp:
-        raise LaunchError(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size "
-                          f"{tp}: choose a TP size that divides the head count")
-    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
-    if moe and experts % ep:
-        raise LaunchError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: "
-                          "choose an EP size that divides the expert count")
-    if moe and tp > 1 and not args.sequence_parallel:
-        raise LaunchError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+
+
+def _check_data(args) -> None:
     if args.mock_data:
-        pass
-    elif not (args.data_path or args.train_data_path or args.per_split_data_args_path or args.data_args_path):
+        return
+    if not (args.data_path or args.train_data_path or args.per_split_data_args_path or args.data_args_path):
         raise LaunchError("no training data: give --data-path PREFIX (from tools/preprocess_data.py) or "
                           "--mock-data")
-    else:
-        for option, paths in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
-                              ("--valid-data-path", args.valid_data_path),
-                              ("--test-data-path", args.test_data_path)):
-            for prefix in _prefixes(paths or []):
-                missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.exists(p)]
-                if missing:
-                    near = sorted(glob.glob(prefix + "*.idx"))[:3]
-                    raise LaunchError(f"{option}: {', '.join(missing)} not found"
-                                      + (f" (did you mean {near[0][:-4]}?)" if near else
-                                         "; make it with tools/preprocess_data.py"))
+    for option, paths in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                          ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
+        for prefix in _prefixes(paths or []):
+            missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.exists(p)]
+            if missing:
+                near = sorted(glob.glob(prefix + "*.idx"))[:3]
+                raise LaunchError(f"{option}: {', '.join(missing)} not found"
+                                  + (f" (did you mean {near[0][:-4]}?)" if near else
+                                     "; make it with tools/preprocess_data.py"))
+    if args.data_path and args.split:
+        _check_split_sizes(args)
+
+
+def _check_schedules_and_registry(args) -> None:
     for dest in ("moe_router_bias_update_schedule", "mtp_loss_scaling_schedule"):
         if getattr(args, dest):
             try:
@@ -360,6 +395,35 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
                               (registry.SCHEDULES, "pipeline_schedule", "--pipeline-schedule")):
         if getattr(args, dest) not in table:
             raise LaunchError(f"{what} {getattr(args, dest)!r} is not registered; choose one of {sorted(table)}")
+
+
+def _check_split_sizes(args) -> None:
+    """Megatron's GPTDataset never returns when a split it must sample from holds no document
+    (an endless epoch loop), e.g. 10 documents with --split 98,2,0: refuse that launch."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    needed = {"train": (args.train_iters or 0) > 0 or (args.train_samples or 0) > 0,
+              "validation": args.eval_iters > 0, "test": args.eval_iters > 0}
+    for prefix in _prefixes(args.data_path):
+        dataset = IndexedDataset(prefix)
+        docs = dataset.document_indices.shape[0] - 1
+        tokens = int(dataset.sequence_lengths.sum())
+        del dataset
+        for (name, need), bounds in zip(needed.items(), matrix):
+            if not need or bounds is None:
+                continue
+            begin, end = (int(round(b * float(docs))) for b in bounds)
+            if end <= begin:
+                raise LaunchError(f"--split {args.split}: the {name} split of {prefix} gets no document "
+                                  f"(it has {docs}); Megatron's dataset would loop forever. Give that split "
+                                  f"a larger share{' or pass --eval-iters 0' if name != 'train' else ''}")
+        if tokens == 0:
+            raise LaunchError(f"--data-path {prefix}: the dataset holds no tokens")
 
 
 def _prefixes(paths: list[str]) -> list[str]:
@@ -553,6 +617,9 @@ def prepare(argv: list[str]) -> argparse.Namespace:
     apply_to_megatron_args(args, fields)
     args.dsv3_fields = fields
     args.dsv3_given = sorted(given)
+    if args.export_hf is not None:
+        args.skip_train = True     # load the model only: no optimizer, no training steps
+        args.no_load_optim = args.no_load_rng = True
     return args
 
 
@@ -599,6 +666,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)
+    if args.export_hf is not None:
+        import torch
+
+        from . import hf
+
+        hf.save(metrics._CHUNKS[0], args.export_hf, dtype=getattr(torch, args.export_hf_dtype))
+        if torch.distributed.get_rank() == 0:
+            print(f"[dsv3] wrote HF checkpoint of {args.load} (iteration {args.iteration}) to "
+                  f"{args.export_hf}", flush=True)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,25 @@ def test_expert_bias_moves_by_gamma_and_replicas_stay_identical(run_a, layout_ru
 
 def _per_expert_bias(key: str) -> bool:
     return key.startswith("moe/expert_bias/") and key.rsplit("/", 1)[1].startswith("expert_")
+
+
+def test_export_hf_of_trained_checkpoint(run_a, tmp_path):
+    """--export-hf writes the trained checkpoint as HF DeepSeek-V3: every expected key, and the
+    expert biases are exactly the ones the run logged at its last step."""
+    from safetensors.torch import load_file
+
+    from megatron_dsv3 import hf
+    from megatron_dsv3.config import DSv3Config
+
+    root, a = run_a
+    out = tmp_path / "hf"
+    run_ok(1, TINY + STEPS + ["--load", str(root / "ckpt_a"), "--export-hf", str(out),
+                              "--export-hf-dtype", "float32"])
+    cfg = DSv3Config.from_hf_config(str(out), seq_aux_alpha=1e-4, bias_update_rate=1e-3, mtp_lambda=0.3)
+    state = load_file(str(out / "model.safetensors"))
+    assert set(state) == hf.expected_hf_keys(cfg)
+    assert cfg.num_layers == 4 and cfg.mtp_num_layers == 1
+    for layer in range(2, 6):   # MoE decoder layers 2..4 and the MTP layer (HF index 4)
+        bias = state[f"model.layers.{layer - 1}.mlp.gate.e_score_correction_bias"]
+        logged = [a[6][f"moe/expert_bias/layer_{layer}/expert_{e}"] for e in range(8)]
+        assert bias.tolist() == logged, layer
