@@ -224,6 +224,15 @@ def test_interrupted_run_keeps_the_old_pair_and_leaves_no_new_one(tmp_path, corp
                                       str(tmp_path / "out_text_document.idx"), 0, 0, 0, "", 0, 0.0)) == good
 
 
+def test_rewrite_removes_megatrons_stale_index_cache(tmp_path, corpus, tok_dir):
+    # GPTDataset's default cache ({data_path}/cache/GPTDataset_indices) is keyed by path, not content.
+    stale = tmp_path / "out_text_document" / "cache" / "GPTDataset_indices"
+    stale.mkdir(parents=True)
+    (stale / "x-GPTDataset-train-sample_index.npy").write_bytes(b"old")
+    _run(tmp_path, [corpus], tok_dir)
+    assert not stale.exists()
+
+
 def _megatron_tokenizer(tok_dir, tp=1):
     """What megatron.training builds for --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer

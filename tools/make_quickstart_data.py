@@ -9,7 +9,7 @@ Nothing is downloaded: the text is synthesized by this script from a small hand-
 with a fixed seed, so every run writes byte-identical files (a few seconds on 2 CPU cores):
 
     DIR/corpus.jsonl                         ~1.8 MB, 4000 documents {"text": ...}
-    DIR/tokenizer/                           byte-level BPE (~768 tokens), a Hugging Face
+    DIR/tokenizer/                           byte-level BPE, 768 tokens, a Hugging Face
                                              tokenizer directory (AutoTokenizer-loadable offline)
     DIR/quickstart_text_document.{bin,idx}   Megatron indexed dataset, one EOD after each document
 

@@ -18,11 +18,17 @@ then ``--append-eod`` appends the eos id. Token dtype: uint16 when ``len(tokeniz
 else int32 (Megatron-Core's ``DType.optimal_dtype``).
 
 Guarantees: documents keep their input order, and the output is byte-identical for any
-``--workers``. No document of length 0 is ever written (Megatron's GPTDataset sample-index
-builder never terminates on one): empty / null texts and texts that tokenize to nothing are an
-error naming the document, or, with ``--skip-empty``, dropped and counted. Files are written under
+``--workers``. No document of length 0 is ever written (Megatron-Core 0.19.2's GPTDataset loops
+forever in ``_get_num_epochs`` on a split whose documents hold 0 tokens, and an empty document
+teaches nothing): empty / null texts and texts that tokenize to nothing are an error naming the
+document, or, with ``--skip-empty``, dropped and counted. Files are written under
 temporary names and renamed only when complete, the .idx last, so an interrupted run never leaves
-a .bin/.idx pair that looks valid. Also importable: ``preprocess(...)`` and ``main(argv)``.
+a .bin/.idx pair that looks valid. Rewriting an existing pair also deletes the GPTDataset index
+cache Megatron keeps next to it ({data-path}/cache/GPTDataset_indices, used when the launcher gets
+no --data-cache-path): that cache is keyed by path, seed, split and sequence length, not by file
+contents, so Megatron would otherwise read the new tokens through the old sample indices. Caches
+under a --data-cache-path must be cleared by hand. Also importable: ``preprocess(...)`` and
+``main(argv)``.
 """
 from __future__ import annotations
 
@@ -203,6 +209,8 @@ _W: dict = {}  # per-process encoder state (the pool initializer fills it in wor
 def _init_encoder(tokenizer_dir, add_special_tokens, eod, dtype_name, tok=None) -> None:
     import numpy as np
 
+    if tok is None:  # a pool worker: one tokenizer thread each, the processes are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.update(tok=tok if tok is not None else load_tokenizer(tokenizer_dir),
               add_special_tokens=add_special_tokens, eod=eod, dtype=np.dtype(dtype_name))
 
@@ -399,16 +407,15 @@ def preprocess(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Tokenize a Hugging Face datasets source into a Megatron .bin/.idx pair.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=ACCEPTED)
     p.add_argument("--tokenizer", required=True, metavar="DIR",
                    help="local Hugging Face tokenizer directory")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="writes PREFIX_{text-key}_document.bin/.idx")
-    p.add_argument("--text-key", default="text", help="the field that holds the document text")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--text-key", default="text", help="the field that holds the document text (default: text)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--append-eod", action="store_true",
                    help="append the tokenizer's eos id after every document")
     p.add_argument("--vocab-size", type=int, default=None, metavar="N",
@@ -417,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop (and count) empty documents instead of failing")
     p.add_argument("--no-special-tokens", action="store_true",
                    help="tokenize with add_special_tokens=False (no BOS etc.)")
-    p.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer call")
+    p.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer call (default: 512)")
     p.add_argument("--hf-cache-dir", default=None,
                    help="datasets cache for converted json/parquet inputs (default: HF's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
