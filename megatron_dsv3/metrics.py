@@ -34,9 +34,10 @@ METRICS = {
     "train/lm_loss": "cross-entropy of the main next-token head",
     "train/mtp_loss": "lambda/D * sum_k mtp_k loss (Megatron also logs each depth as 'mtp_k loss')",
     "train/seq_balance_loss": "alpha * sum over MoE layers of the sequence-wise balance loss",
-    "train/lr": "learning rate", "train/grad_norm": "gradient norm after clipping is computed",
+    "train/lr": "learning rate", "train/grad_norm": "global gradient norm (before clipping)",
     "train/gamma": "expert-bias update speed in force", "train/mtp_lambda": "MTP weight in force",
-    "perf/iteration_time_s": "wall time of the iteration", "perf/tokens_per_s": "global tokens / s",
+    "perf/iteration_time_s": "training-step time (Megatron's interval timer: saves, evaluation excluded)",
+    "perf/tokens_per_s": "global tokens / s",
     "perf/tflops_per_device": "exact model FLOPs (fwd+bwd, causal) / s / device",
     "perf/mfu": "tflops_per_device / device peak (only when the peak is known)",
     "moe/maxvio/layer_{L}": "(max load - mean load) / mean load of layer L over the log interval",
@@ -52,6 +53,13 @@ METRICS = {
 }
 
 _PER_EXPERT_LIMIT = 1024
+
+#: Megatron internals read here (not patched): sha1 fingerprints checked by tests/test_patches.py.
+RELIES_ON = {
+    "megatron.core.timers:Timer": "4a62d30c6092",                                   # _active_time, _started, _start_time
+    "megatron.core.transformer.multi_token_prediction:MTPLossLoggingHelper.track_mtp_metrics": "1ca62b1a62c5",  # 'mtp_k loss'
+    "megatron.core.transformer.moe.moe_logging:MoEMetricsTracker.report": "4612d13aca6e",  # seq_load_balancing_loss
+}
 
 
 class _State:
@@ -346,7 +354,7 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
     if iteration % args.log_interval == 0:
         if "perf/tokens_per_s" in scalars:
             console.insert(0, f"tokens/s: {scalars['perf/tokens_per_s']:.0f} | "
-                              f"TFLOP/s/device: {scalars['perf/tflops_per_device']:.3f}"
+                              f"TFLOP/s/device: {scalars['perf/tflops_per_device']:.4g}"
                            + (f" | MFU: {100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars else ""))
         if "train/gamma" in scalars:
             console.append(f"gamma: {scalars['train/gamma']:.3g}")

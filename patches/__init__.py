@@ -12,8 +12,8 @@ Training patches (applied by the launcher, ``megatron_dsv3.pretrain``; any devic
 - ``dataset_helpers``   Megatron runs ``make`` on its dataset helpers at start-up; the wheel ships them
                         compiled and without a Makefile, so start-up fails on every wheel install.
 - ``training_log_hook`` calls megatron-dsv3's metrics (W&B / console) after each ``training_log``.
-- ``adam_resume``       the torch-Adam path (no Apex / Transformer Engine optimizer) loses Adam's
-                        ``step`` on resume.
+- ``pipeline_schedule`` rebinds the train loop's forward-backward function to the schedule chosen
+                        with ``--pipeline-schedule`` (only for a schedule registered by megatron-dsv3).
 
 The CPU-only patches live in ``megatron_dsv3/cpu_backend.py`` (same :class:`Patch` type).
 """
@@ -82,6 +82,13 @@ def check_fingerprints(patches: list[Patch]) -> dict[str, tuple[str, str]]:
 
 def training_patches() -> list[Patch]:
     """The launcher's patches, in the order they must be applied."""
-    from . import adam_resume, dataset_helpers, training_log_hook, typing_override
+    from . import dataset_helpers, training_log_hook, typing_override
 
-    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH, adam_resume.PATCH]
+    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH]
+
+
+def all_patches() -> list[Patch]:
+    """Every patch in this directory (``pipeline_schedule`` is applied only on demand)."""
+    from . import pipeline_schedule
+
+    return training_patches() + [pipeline_schedule.PATCH]

@@ -43,6 +43,7 @@ def launch(nproc: int, args: list[str], *, timeout: int = 420, env: dict | None 
 
 
 def run_ok(nproc: int, args: list[str], **kw) -> str:
+    """``launch`` that must succeed; returns the log."""
     code, log = launch(nproc, args, **kw)
     assert code == 0, f"launcher failed (exit {code}):\n{log[-6000:]}"
     return log

@@ -28,7 +28,8 @@ def run_a(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     ckpt = root / "ckpt_a"
     log = run_ok(1, TINY + STEPS + ["--save", str(ckpt), "--save-interval", "3",
-                                    "--metrics-jsonl", str(root / "a.jsonl")])
+                                    "--metrics-jsonl", str(root / "a.jsonl"),
+                                    "--wandb-project", "dsv3-test", "--wandb-save-dir", str(root / "wandb")])
     assert (ckpt / "iter_0000003").is_dir() and (ckpt / "iter_0000006").is_dir(), log[-3000:]
     return root, metrics(str(root / "a.jsonl"))
 
@@ -42,12 +43,25 @@ def _resume_from_3(root, name):
 
 
 def test_loss_falls_and_metrics_are_logged(run_a):
-    _, a = run_a
+    """The W&B offline run holds the README's metrics; train/loss is the DSv3 objective."""
+    from megatron_dsv3.metrics import METRICS
+    from megatron_dsv3.wandb_offline import read_history
+
+    root, a = run_a
     assert sorted(a) == [1, 2, 3, 4, 5, 6]
     assert a[6]["train/lm_loss"] < a[1]["train/lm_loss"]
-    for key in ("train/lr", "train/grad_norm", "train/gamma", "train/mtp_lambda", "moe/maxvio_mean"):
-        assert key in a[6], key
-    assert "perf/tokens_per_s" in a[6] and a[6]["perf/tflops_per_device"] > 0
+    history = read_history(str(root / "wandb"))
+    expected = [k for k in METRICS if "{" not in k and k not in ("perf/mfu",)]
+    missing = [k for k in expected if k not in history and not any(h.startswith(k + "/") for h in history)]
+    assert not missing, f"not in the W&B run: {missing}"
+    for key in ("moe/maxvio/layer_2", "moe/expert_bias/layer_5/expert_7", "mtp_1 loss", "seq_load_balancing_loss"):
+        assert key in history, key
+    step6 = {k: dict(v)[6] for k, v in history.items() if 6 in dict(v)}
+    lam, alpha, n_moe = 0.3, 1e-4, 4   # tiny: lambda 0.3, alpha 1e-4; 3 MoE layers + 1 MTP layer
+    objective = step6["train/lm_loss"] + lam * step6["mtp_1 loss"] + alpha * n_moe * step6["seq_load_balancing_loss"]
+    assert abs(step6["train/loss"] - objective) < 1e-5 * objective
+    assert step6["train/lm_loss"] == a[6]["train/lm_loss"]
+    assert a[6]["perf/tflops_per_device"] > 0 and a[6]["perf/tokens_per_s"] > 0
 
 
 def test_resume_matches_uninterrupted_run(run_a):
@@ -160,3 +174,21 @@ def test_export_hf_of_trained_checkpoint(run_a, tmp_path):
         bias = state[f"model.layers.{layer - 1}.mlp.gate.e_score_correction_bias"]
         logged = [a[6][f"moe/expert_bias/layer_{layer}/expert_{e}"] for e in range(8)]
         assert bias.tolist() == logged, layer
+
+
+def test_registered_schedule_and_dispatcher_are_used(run_a, tmp_path):
+    """A schedule and a dispatcher registered from outside (wrapping Megatron's) are picked up by
+    --pipeline-schedule / --moe-token-dispatcher-type, and the losses are A's to the last bit."""
+    _, a = run_a
+    out = tmp_path / "reg.jsonl"
+    args = [x if x != "alltoall" else "counting-alltoall" for x in TINY]
+    log = run_ok(1, args + STEPS[:1] + ["2", "--pipeline-schedule", "counting-1f1b",
+                                        "--metrics-jsonl", str(out)],
+                 entry=[os.path.join(os.path.dirname(__file__), "registry_driver.py")])
+    calls = [line for line in log.splitlines() if line.startswith("DSV3_TEST_CALLS")]
+    assert calls, log[-3000:]
+    schedule, dispatch = (int(x.split("=")[1]) for x in calls[-1].split()[1:])
+    assert schedule == 2 and dispatch == 2 * 2 * 4   # 2 steps x 2 micro-batches x 4 MoE layers
+    reg = metrics(str(out))
+    # the lr schedule of a 2-step run differs from A's 6 steps after step 1
+    assert reg[1]["train/lm_loss"] == a[1]["train/lm_loss"]
