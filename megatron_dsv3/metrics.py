@@ -210,22 +210,45 @@ def heatmap_rgb(values: np.ndarray, lo: float, hi: float, cell: Optional[int] = 
     return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1).astype(np.uint8)
 
 
-def load_heatmap(stats: dict) -> np.ndarray:
-    """log2(load / mean load) per layer, rows in layer order."""
+def labelled(rgb: np.ndarray, row_labels: list[str], title: str) -> np.ndarray:
+    """The heatmap with a title line and one label per row (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    rows = len(row_labels)
+    cell_h = rgb.shape[0] // max(rows, 1)
+    margin_left, margin_top = 40, 16
+    canvas = Image.new("RGB", (rgb.shape[1] + margin_left, rgb.shape[0] + margin_top), "white")
+    canvas.paste(Image.fromarray(rgb), (margin_left, margin_top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), title, fill="black")
+    if cell_h >= 10:
+        for i, label in enumerate(row_labels):
+            draw.text((2, margin_top + i * cell_h + (cell_h - 10) // 2), label, fill="black")
+    return np.asarray(canvas)
+
+
+def _row_labels(stats: dict, num_layers: int) -> list[str]:
+    return [f"L{k}" if k <= num_layers else f"MTP{k - num_layers}" for k in sorted(stats)]
+
+
+def load_heatmap(stats: dict, num_layers: int) -> np.ndarray:
+    """log2(load / mean load) per layer (rows; MTP layers last), experts as columns."""
     rows = []
     for layer in sorted(stats):
         load = stats[layer]["load"].astype(float)
         rows.append(np.log2(np.maximum(load, 1e-9) / max(load.mean(), 1e-9)))
-    return heatmap_rgb(np.array(rows), -2.0, 2.0)
+    return labelled(heatmap_rgb(np.array(rows), -2.0, 2.0), _row_labels(stats, num_layers),
+                    "expert load / mean, log2 (purple -2 .. yellow +2)")
 
 
-def bias_heatmap(stats: dict) -> Optional[np.ndarray]:
-    rows = [stats[k]["bias"] for k in sorted(stats) if stats[k]["bias"] is not None]
-    if not rows:
+def bias_heatmap(stats: dict, num_layers: int) -> Optional[np.ndarray]:
+    keys = [k for k in sorted(stats) if stats[k]["bias"] is not None]
+    if not keys:
         return None
-    b = np.array(rows)
+    b = np.array([stats[k]["bias"] for k in keys])
     span = max(float(np.abs(b).max()), 1e-6)
-    return heatmap_rgb(b, -span, span)
+    return labelled(heatmap_rgb(b, -span, span), _row_labels({k: None for k in keys}, num_layers),
+                    f"expert bias (purple {-span:.3g} .. yellow {span:.3g})")
 
 
 def _save_png(rgb: np.ndarray, path: str) -> None:
@@ -340,8 +363,8 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
         ex = expert_scalars(stats, per_expert, with_cross)
         scalars.update(ex)
         if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and stats:
-            images["moe/load_heatmap"] = load_heatmap(stats)
-            bias = bias_heatmap(stats)
+            images["moe/load_heatmap"] = load_heatmap(stats, config.num_layers)
+            bias = bias_heatmap(stats, config.num_layers)
             if bias is not None:
                 images["moe/bias_heatmap"] = bias
             if _S.heatmap_dir:

@@ -40,7 +40,7 @@ from typing import Optional
 
 from . import cpu_backend
 from .coefficients import Schedule, ScheduleError
-from .config import PRESETS, DSv3Config, DSv3ConfigError, cpu_overrides, hf_to_config_kwargs, _read_hf_config
+from .config import PRESETS, DSv3Config, DSv3ConfigError, _read_hf_config, hf_to_config_kwargs
 
 
 class LaunchError(SystemExit):
@@ -144,10 +144,10 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
                    help="renormalise the chosen routing weights (671B: true)")
     g.add_argument("--moe-router-bias-update-schedule", default=None,
-                   help="gamma over consumed tokens, e.g. 0:0.001,14.3T:0 (overrides "
+                   help="gamma over consumed tokens, e.g. 0:0.001,14.3T:0 (instead of "
                         "--moe-router-bias-update-rate)")
     g.add_argument("--mtp-loss-scaling-schedule", default=None,
-                   help="MTP lambda over consumed tokens, e.g. 0:0.3,10T:0.1 (overrides "
+                   help="MTP lambda over consumed tokens, e.g. 0:0.3,10T:0.1 (instead of "
                         "--mtp-loss-scaling-factor)")
     g.add_argument("--pipeline-schedule", default="1f1b",
                    help="forward-backward schedule from megatron_dsv3.registry.SCHEDULES")
@@ -286,7 +286,33 @@ def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
         fields["rope_scaling"] = rope
     if fields.get("mtp_num_layers") == 0:
         fields["mtp_num_layers"] = None
+    for schedule, rate, field in (("moe_router_bias_update_schedule", "moe_router_bias_update_rate",
+                                   "bias_update_rate"),
+                                  ("mtp_loss_scaling_schedule", "mtp_loss_scaling_factor", "mtp_lambda")):
+        if getattr(args, schedule):
+            if rate in given:
+                raise LaunchError(f"give {_flag(rate)} or {_flag(schedule)}, not both")
+            try:
+                fields[field] = Schedule.parse(getattr(args, schedule), _flag(schedule)).at(0)
+            except ScheduleError as e:
+                raise LaunchError(str(e)) from None
+    _require_coefficients(fields)
     return fields
+
+
+def _require_coefficients(fields: dict) -> None:
+    """A HF config carries no training coefficients: each one the model uses must be a flag."""
+    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+    needed = []
+    if moe and fields.get("seq_aux_alpha") is None:
+        needed.append("--moe-aux-loss-coeff ALPHA (sequence-wise balance; paper 0.0001, 0 disables)")
+    if moe and fields.get("scoring_func") == "sigmoid" and fields.get("bias_update_rate") is None:
+        needed.append("--moe-router-bias-update-rate GAMMA (paper 0.001) or "
+                      "--moe-router-bias-update-schedule")
+    if fields.get("mtp_num_layers") and fields.get("mtp_lambda") is None:
+        needed.append("--mtp-loss-scaling-factor LAMBDA (paper 0.3) or --mtp-loss-scaling-schedule")
+    if needed:
+        raise LaunchError("the model's config has no training coefficients; give " + "; ".join(needed))
 
 
 def _single(value, dest):
@@ -652,7 +678,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from megatron.training.global_vars import set_global_variables
 
     from . import metrics, patches, registry
+    from .patches import reparse_args
 
+    reparse_args.EXTRA_ARGS[0] = _extra_args
+    sys.argv = [sys.argv[0] if sys.argv else "dsv3-pretrain", *argv]   # what Megatron re-parses
     patches.apply(patches.training_patches())
     if args.cpu:
         cpu_backend.enable_training()

@@ -12,6 +12,8 @@ Training patches (applied by the launcher, ``megatron_dsv3.pretrain``; any devic
 - ``dataset_helpers``   Megatron runs ``make`` on its dataset helpers at start-up; the wheel ships them
                         compiled and without a Makefile, so start-up fails on every wheel install.
 - ``training_log_hook`` calls megatron-dsv3's metrics (W&B / console) after each ``training_log``.
+- ``reparse_args``      Megatron's own later re-parses of ``sys.argv`` (fault tolerance, in-process
+                        restart) include the launcher's flags, so registered dispatcher names parse.
 - ``pipeline_schedule`` rebinds the train loop's forward-backward function to the schedule chosen
                         with ``--pipeline-schedule`` (only for a schedule registered by megatron-dsv3).
 
@@ -82,9 +84,9 @@ def check_fingerprints(patches: list[Patch]) -> dict[str, tuple[str, str]]:
 
 def training_patches() -> list[Patch]:
     """The launcher's patches, in the order they must be applied."""
-    from . import dataset_helpers, training_log_hook, typing_override
+    from . import dataset_helpers, reparse_args, training_log_hook, typing_override
 
-    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH]
+    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH, reparse_args.PATCH]
 
 
 def all_patches() -> list[Patch]:

@@ -44,9 +44,12 @@ def _build(**overrides):
 
     from megatron_dsv3.spec import build_model
 
-    # Megatron-Core keeps MTP loss metrics in a class-level tracker sized by the FIRST model's
-    # mtp_num_layers; a later model with a deeper MTP in the same process would index past it.
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    # Megatron-Core keeps MTP and MoE loss metrics in process-wide trackers sized by the FIRST
+    # model's layer count; a later, deeper model in the same process would index past them.
     MTPLossLoggingHelper.tracker.clear()
+    destroy_moe_metrics_tracker()
     model_parallel_cuda_manual_seed(1234)
     cfg = DSv3Config.from_preset("tiny", **cpu_overrides(), **overrides)
     model = build_model(cfg)

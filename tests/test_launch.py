@@ -16,6 +16,19 @@ from megatron_dsv3 import pretrain
 from megatron_dsv3.pretrain import LaunchError
 
 
+@pytest.fixture(autouse=True)
+def no_process_groups(monkeypatch):
+    """Building any process group during a launch check is a test failure."""
+    from megatron.core import parallel_state
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process group was built during the launch checks")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    monkeypatch.setattr(torch.distributed, "new_group", refuse)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
+
+
 def _prepare(*extra, base=TINY):
     return pretrain.prepare(list(base) + ["--train-iters", "2", *extra])
 
@@ -23,7 +36,6 @@ def _prepare(*extra, base=TINY):
 def _fails(*extra, base=TINY) -> str:
     with pytest.raises(LaunchError) as info:
         _prepare(*extra, base=base)
-    assert not torch.distributed.is_initialized(), "a process group was built before the launch check"
     return str(info.value.code)
 
 
@@ -46,6 +58,26 @@ def _fails(*extra, base=TINY) -> str:
 ])
 def test_bad_launch_names_the_flag(extra, flag):
     assert flag in _fails(*extra)
+
+
+def test_hf_config_needs_the_training_coefficients(tmp_path):
+    """A HF config.json has no alpha / gamma / lambda: each is asked for by flag, never 0."""
+    import json
+
+    from megatron_dsv3.config import DSv3Config
+
+    cfg = DSv3Config.from_preset("tiny").hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    base = [a for a in TINY if a not in ("--dsv3-preset", "tiny")] + ["--dsv3-hf-config", str(tmp_path)]
+    msg = _fails(base=base)
+    for flag in ("--moe-aux-loss-coeff", "--moe-router-bias-update-rate", "--mtp-loss-scaling-factor"):
+        assert flag in msg
+    args = _prepare("--moe-aux-loss-coeff", "0", "--moe-router-bias-update-schedule", "0:0.002,1B:0",
+                    "--mtp-loss-scaling-factor", "0.1", base=base)
+    assert (args.dsv3_fields["seq_aux_alpha"], args.dsv3_fields["bias_update_rate"],
+            args.dsv3_fields["mtp_lambda"]) == (0.0, 0.002, 0.1)
+    assert "not both" in _fails("--moe-router-bias-update-rate", "0.001",
+                                "--moe-router-bias-update-schedule", "0:0.001")
 
 
 def test_data_path_missing_names_the_flag(tmp_path):
