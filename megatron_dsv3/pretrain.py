@@ -328,6 +328,7 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
     _check_fixed_and_unsupported(args, given)
     _check_parallel(args, fields)
     _check_backend(args, given)
+    _check_distributed_optimizer(args)
     _check_data(args)
     _check_schedules_and_registry(args)
 
@@ -387,6 +388,20 @@ def _check_backend(args, given) -> None:
             raise LaunchError(f"{what} needs Transformer Engine, which is not installed: "
                               "pip install 'megatron-dsv3[te]', or use --transformer-impl local "
                               "without --fp8-format")
+
+
+def _check_distributed_optimizer(args) -> None:
+    """Megatron-Core 0.19.2's distributed optimizer on torch's Adam (no Apex / Transformer Engine)
+    cannot reload a checkpoint: building the sharded state dict asserts on Adam's per-parameter
+    'step' before any state exists (and its resume path loses 'step')."""
+    if not (args.use_distributed_optimizer and args.load):
+        return
+    if any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex")):
+        return
+    raise LaunchError("--use-distributed-optimizer with --load needs Transformer Engine's (or NVIDIA "
+                      "Apex's) fused Adam: Megatron-Core 0.19.2 cannot reload the distributed optimizer "
+                      "on torch's Adam. Drop --use-distributed-optimizer (CPU runs) or install "
+                      "megatron-dsv3[te]")
 
 
 def _check_data(args) -> None:

@@ -55,6 +55,7 @@ def _fails(*extra, base=TINY) -> str:
     (["--moe-layer-freq", "([1]*4)", "--first-k-dense-replace", "1"], "--moe-layer-freq"),
     (["--spec", "megatron_dsv3.spec", "get_dsv3_decoder_block_spec"], "--spec"),
     (["--export-hf", "/tmp/x"], "--load"),
+    (["--use-distributed-optimizer", "--load", "/tmp/ckpt"], "--use-distributed-optimizer"),
 ])
 def test_bad_launch_names_the_flag(extra, flag):
     assert flag in _fails(*extra)
