@@ -399,6 +399,21 @@ def hf_to_config_kwargs(hf: dict) -> dict:
     )
 
 
+#: The Megatron-Core fields ``_derive_megatron_fields`` sets from the DSv3 fields. A builder that starts
+#: from Megatron's own translation of its flags leaves these at their defaults (tested to be complete).
+DERIVED_MEGATRON_FIELDS = frozenset({
+    "multi_latent_attention", "qk_head_dim", "qk_pos_emb_head_dim", "normalization", "layernorm_epsilon",
+    "rotary_base", "add_bias_linear", "gated_linear_unit", "activation_func", "qk_layernorm", "kv_channels",
+    "rope_type", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    "mscale", "mscale_all_dim", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_topk_scaling_factor", "moe_router_score_function", "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+    "moe_router_dtype", "moe_router_pre_softmax", "moe_layer_freq", "mtp_loss_scaling_factor",
+    "ffn_hidden_size",
+})
+
+
 _DSV3_YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 

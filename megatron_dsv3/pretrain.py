@@ -40,7 +40,14 @@ from typing import Optional
 
 from . import cpu_backend
 from .coefficients import Schedule, ScheduleError
-from .config import PRESETS, DSv3Config, DSv3ConfigError, _read_hf_config, hf_to_config_kwargs
+from .config import (
+    DERIVED_MEGATRON_FIELDS,
+    PRESETS,
+    DSv3Config,
+    DSv3ConfigError,
+    _read_hf_config,
+    hf_to_config_kwargs,
+)
 
 
 class LaunchError(SystemExit):
@@ -302,7 +309,7 @@ def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
 
 def _require_coefficients(fields: dict) -> None:
     """A HF config carries no training coefficients: each one the model uses must be a flag."""
-    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+    moe = _has_moe(fields)
     needed = []
     if moe and fields.get("seq_aux_alpha") is None:
         needed.append("--moe-aux-loss-coeff ALPHA (sequence-wise balance; paper 0.0001, 0 disables)")
@@ -362,7 +369,7 @@ def _check_parallel(args, fields) -> None:
     if heads % tp:
         raise LaunchError(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size "
                           f"{tp}: choose a TP size that divides the head count")
-    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+    moe = _has_moe(fields)
     if moe and experts % ep:
         raise LaunchError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: "
                           "choose an EP size that divides the expert count")
@@ -481,8 +488,12 @@ def _prefixes(paths: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # DSv3 fields -> Megatron args; Megatron args -> DSv3Config
 # ----------------------------------------------------------------------------------------------
-def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> DSv3Config:
-    """Write the resolved model into Megatron's args; returns the config validated with them."""
+def _has_moe(fields: dict) -> bool:
+    return fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+
+
+def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> argparse.Namespace:
+    """Write the resolved model into Megatron's args (the same model for every Megatron reader)."""
     for dest, (value, _) in FIXED_ARGS.items():
         if value is not None:
             setattr(args, dest, [value] if dest == "moe_router_load_balancing_type" else value)
@@ -495,8 +506,7 @@ def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> DSv3Config
         setattr(args, dest, rope[key] if rope else getattr(args, dest))
     if not rope:
         args.rotary_scaling_factor = 1.0
-    moe = fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
-    if moe:
+    if _has_moe(fields):
         args.moe_shared_expert_intermediate_size = (fields["n_shared_experts"] * fields["moe_intermediate_size"]
                                                     if fields["n_shared_experts"] else None)
         k, L = fields["first_k_dense_replace"], fields["num_layers"]
@@ -506,8 +516,6 @@ def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> DSv3Config
             args.moe_router_bias_update_rate = 0.0
     else:
         args.num_experts = None
-    if args.seq_length is not None and args.max_position_embeddings is None:
-        args.max_position_embeddings = fields["max_position_embeddings"]
     args.kv_channels = fields["v_head_dim"]
     args.mtp_num_layers = fields.get("mtp_num_layers")
     if args.mtp_num_layers is None:
@@ -524,25 +532,13 @@ def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = No
     megatron = core_transformer_config_from_args(args)
     own = {f.name for f in dataclasses.fields(DSv3Config)} - {f.name for f in dataclasses.fields(type(megatron))}
     kwargs = {f.name: getattr(megatron, f.name) for f in dataclasses.fields(type(megatron))
-              if f.init and f.name not in DERIVED and f.name not in own}
+              if f.init and f.name not in DERIVED_MEGATRON_FIELDS and f.name not in own}
     kwargs.update(fields)
     kwargs["vocab_size"] = args.padded_vocab_size
     kwargs["ranks_per_node"] = args.ranks_per_node
     return DSv3Config(**kwargs)
 
 
-#: Megatron fields DSv3Config derives from its own fields (left at their defaults when building).
-DERIVED = frozenset({
-    "multi_latent_attention", "qk_head_dim", "qk_pos_emb_head_dim", "normalization", "layernorm_epsilon",
-    "rotary_base", "add_bias_linear", "gated_linear_unit", "activation_func", "qk_layernorm", "kv_channels",
-    "rope_type", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-    "mscale", "mscale_all_dim", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
-    "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
-    "moe_router_topk_scaling_factor", "moe_router_score_function", "moe_router_enable_expert_bias",
-    "moe_router_bias_update_rate", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
-    "moe_router_dtype", "moe_router_pre_softmax", "moe_layer_freq", "mtp_loss_scaling_factor",
-    "ffn_hidden_size",
-})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,3 +72,25 @@ def test_bad_configs_name_the_field(change, field):
 def test_unknown_preset():
     with pytest.raises(DSv3ConfigError, match="unknown preset 'deepseek-v4'"):
         DSv3Config.from_preset("deepseek-v4")
+
+
+def test_derived_megatron_fields_list_is_complete():
+    """Every Megatron field the DSv3 fields determine is in DERIVED_MEGATRON_FIELDS (the launcher
+    leaves those to the derivation instead of taking Megatron's flag defaults): a plain
+    MLATransformerConfig with the same shared fields differs from the DSv3 one only there."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from megatron_dsv3.config import DERIVED_MEGATRON_FIELDS
+
+    megatron_fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
+    assert DERIVED_MEGATRON_FIELDS <= megatron_fields
+    shared = ("num_layers", "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+              "v_head_dim", "mtp_num_layers")
+    for name in ("deepseek-v3", "tiny"):
+        cfg = DSv3Config.from_preset(name)
+        plain = MLATransformerConfig(**{k: getattr(cfg, k) for k in shared})
+        differ = {f for f in megatron_fields if not callable(getattr(cfg, f))   # init methods: objects
+                  and getattr(cfg, f) != getattr(plain, f)}
+        assert differ <= DERIVED_MEGATRON_FIELDS, (name, differ - DERIVED_MEGATRON_FIELDS)
