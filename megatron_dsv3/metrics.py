@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -62,13 +63,14 @@ RELIES_ON = {
 }
 
 
+@dataclass
 class _State:
     gamma: Optional[Schedule] = None
     lam: Optional[Schedule] = None
     last_time: Optional[float] = None
     flops_per_iter: Optional[float] = None
     peak: Optional[float] = None
-    told: set = set()
+    told: set = field(default_factory=set)
     heatmap_dir: Optional[str] = None
     jsonl: Optional[str] = None
 
