@@ -122,7 +122,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(run_a, tmp_path):
             pytest.fail("the run ended without reaching the stalled save:\n" + seen[-3000:])
         assert (ckpt / "iter_0000004").exists(), "the killed save should have left a partial directory"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait()
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     out = tmp_path / "resumed.jsonl"
@@ -130,6 +130,23 @@ def test_killed_save_leaves_previous_checkpoint_loadable(run_a, tmp_path):
     resumed = metrics(str(out))
     assert sorted(resumed) == [3, 4, 5, 6]
     assert all(resumed[i]["train/lm_loss"] == a[i]["train/lm_loss"] for i in (3, 4, 5, 6))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and every process under it (its ranks run in their own process groups)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    family = parent.children(recursive=True) + [parent]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def test_expert_bias_moves_by_gamma_and_replicas_stay_identical(run_a, layout_runs):

@@ -73,3 +73,20 @@ def test_sequence_balance_loss_closed_form():
     uniform = torch.full((E, E), 1.0 / E, dtype=torch.float64)
     balanced = torch.eye(E, dtype=torch.bool).roll(1, 1) | torch.eye(E, dtype=torch.bool)
     assert abs(sequence_balance_loss(uniform, balanced, E, 1, 2, alpha).item() - alpha) < 1e-18
+
+
+def test_cross_node_counts_against_a_loop():
+    """The cross-node metric: assignments to experts on other nodes, and distinct other nodes per
+    token, for random routings (brute force reference)."""
+    import torch
+
+    from megatron_dsv3.router import cross_node_counts
+
+    g = torch.Generator().manual_seed(0)
+    for n_nodes, own in ((2, 0), (4, 3), (3, 1)):
+        expert_node = torch.randint(0, n_nodes, (16,), generator=g)
+        indices = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(50)])
+        remote = sum(int(expert_node[e] != own) for row in indices for e in row)
+        nodes = sum(len({int(expert_node[e]) for e in row} - {own}) for row in indices)
+        got = cross_node_counts(indices, expert_node, own, n_nodes)
+        assert got.tolist() == [remote, nodes, 50]
