@@ -141,9 +141,15 @@ class DSv3Router(MegatronModule):
             return
         c = self.config
         layer = self.layer_number + (c.num_layers if self.is_mtp_layer else 0)
-        get_moe_metrics_tracker().record("seq_load_balancing_loss", value, layer,
-                                         c.num_layers + (c.mtp_num_layers or 0),
-                                         reduce_group=self.tp_group, needs_dp_avg=True)
+        total = c.num_layers + (c.mtp_num_layers or 0)
+        tracker = get_moe_metrics_tracker()
+        entry = tracker.metrics.get("seq_load_balancing_loss")
+        if entry is not None and entry.values.numel() != total:
+            # The tracker is process-wide and sized by the first model that logged; another model
+            # of a different depth in the same process (tests, evaluation) starts it afresh.
+            del tracker.metrics["seq_load_balancing_loss"]
+        tracker.record("seq_load_balancing_loss", value, layer, total, reduce_group=self.tp_group,
+                       needs_dp_avg=True)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         c = self.config

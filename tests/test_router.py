@@ -90,3 +90,20 @@ def test_cross_node_counts_against_a_loop():
         nodes = sum(len({int(expert_node[e]) for e in row} - {own}) for row in indices)
         got = cross_node_counts(indices, expert_node, own, n_nodes)
         assert got.tolist() == [remote, nodes, 50]
+
+
+def test_balance_loss_logging_survives_models_of_different_depth(cpu_world):
+    """Megatron's MoE metrics tracker is process-wide; building and training a deeper model after a
+    shallower one in the same process must not index past the first model's entry."""
+    import torch
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_dsv3.config import DSv3Config, cpu_overrides
+    from megatron_dsv3.spec import build_model
+
+    for layers in (2, 5):
+        cfg = DSv3Config.from_preset("tiny", num_layers=layers, mtp_num_layers=None, **cpu_overrides())
+        model = build_model(cfg).train()
+        ids = torch.randint(0, cfg.vocab_size, (2, 8))
+        model(ids, torch.arange(8).expand(2, 8), None, labels=ids).sum().backward()
+        assert get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values.numel() == layers
