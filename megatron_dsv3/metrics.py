@@ -304,36 +304,83 @@ def _training_seconds() -> float:
     return timer._active_time + running
 
 
+def _loss_scalars(loss_dict, config, logged: dict) -> dict:
+    """The objective and its parts, on the last pipeline stage (where 'lm loss' exists)."""
+    if "lm loss" not in loss_dict:
+        return {}
+    out = {"train/lm_loss": float(loss_dict["lm loss"])}
+    total = out["train/lm_loss"]
+    mtp = [float(logged[k]) for k in sorted(logged) if k.startswith("mtp_") and k.endswith(" loss")]
+    if mtp:
+        out["train/mtp_loss"] = config.mtp_loss_scaling_factor / len(mtp) * sum(mtp)
+        total += out["train/mtp_loss"]
+    if "seq_load_balancing_loss" in logged and config.num_moe_experts:
+        # Megatron logs the balance loss averaged over MoE layers and without alpha.
+        n_moe = len(config.moe_layer_numbers) + (config.mtp_num_layers or 0)
+        out["train/seq_balance_loss"] = config.seq_aux_alpha * float(logged["seq_load_balancing_loss"]) * n_moe
+        total += out["train/seq_balance_loss"]
+    if len(out) > 1:
+        out["train/loss"] = total
+    return out
+
+
+def _perf_scalars(args, config, seconds: Optional[float]) -> dict:
+    if not seconds:
+        return {}
+    tflops = _flops_per_iteration(args, config) / seconds / args.world_size / 1e12
+    out = {"perf/iteration_time_s": seconds,
+           "perf/tokens_per_s": args.global_batch_size * args.seq_length / seconds,
+           "perf/tflops_per_device": tflops}
+    peak = _peak(args)
+    if peak:
+        out["perf/mfu"] = tflops / peak
+    return out
+
+
+def _expert_section(config) -> tuple[dict, dict, list[str]]:
+    """(scalars, images, console parts) of the expert load since the last log. Collective."""
+    from megatron.core import parallel_state
+
+    stats = collect_expert_stats(
+        _CHUNKS, config, parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        parallel_state.get_pipeline_model_parallel_group())
+    with_cross = config.ranks_per_node is not None
+    if not with_cross:
+        _tell_once("rpn", "cross-node routing metric off: ranks per node unknown (--ranks-per-node)")
+    scalars = expert_scalars(stats, len(stats) * config.n_routed_experts <= _PER_EXPERT_LIMIT, with_cross)
+    images = {}
+    if _is_last_rank() and stats:
+        images["moe/load_heatmap"] = load_heatmap(stats, config.num_layers)
+        bias = bias_heatmap(stats, config.num_layers)
+        if bias is not None:
+            images["moe/bias_heatmap"] = bias
+        if _S.heatmap_dir:
+            _save_png(images["moe/load_heatmap"], os.path.join(_S.heatmap_dir, "load_latest.png"))
+    console = []
+    if "moe/maxvio_mean" in scalars:
+        console.append(f"maxvio mean/max: {scalars['moe/maxvio_mean']:.3f}/{scalars['moe/maxvio_max']:.3f}")
+    if "moe/cross_node_share" in scalars:
+        console.append(f"cross-node share: {scalars['moe/cross_node_share']:.3f} "
+                       f"({scalars['moe/remote_nodes_per_token']:.2f} other nodes/token)")
+    return scalars, images, console
+
+
+def _is_last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
 def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter, wandb_logged=None):
     """The training_log hook: every rank, every iteration."""
-    from megatron.core import parallel_state
     from megatron.training import get_args, get_wandb_writer, print_rank_last
 
     args = get_args()
     now = _training_seconds()
-    dt = None if _S.last_time is None else now - _S.last_time
+    seconds = None if _S.last_time is None else now - _S.last_time
     _S.last_time = now
     if not _CHUNKS:
         return
-    model = _CHUNKS
-    config = model[0].config
-    scalars = {}
-    if "lm loss" in loss_dict:
-        lm = float(loss_dict["lm loss"])
-        scalars["train/lm_loss"] = lm
-        logged = wandb_logged or {}
-        mtp = [float(logged[k]) for k in sorted(logged) if k.startswith("mtp_") and k.endswith(" loss")]
-        total = lm
-        if mtp:
-            lam = config.mtp_loss_scaling_factor
-            scalars["train/mtp_loss"] = lam / len(mtp) * sum(mtp)
-            total += scalars["train/mtp_loss"]
-        if "seq_load_balancing_loss" in logged and config.num_moe_experts:
-            n_moe = (config.num_layers - config.first_k_dense_replace) + (config.mtp_num_layers or 0)
-            scalars["train/seq_balance_loss"] = config.seq_aux_alpha * float(logged["seq_load_balancing_loss"]) * n_moe
-            total += scalars["train/seq_balance_loss"]
-        if mtp or "train/seq_balance_loss" in scalars:
-            scalars["train/loss"] = total
+    config = _CHUNKS[0].config
+    scalars = _loss_scalars(loss_dict, config, wandb_logged or {})
     if learning_rate is not None:
         scalars["train/lr"] = float(learning_rate)
     if grad_norm is not None:
@@ -342,53 +389,23 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
         scalars["train/gamma"] = float(config.moe_router_bias_update_rate)
     if config.mtp_num_layers:
         scalars["train/mtp_lambda"] = float(config.mtp_loss_scaling_factor)
-    if dt:
-        tokens = args.global_batch_size * args.seq_length
-        flops = _flops_per_iteration(args, config)
-        scalars["perf/iteration_time_s"] = dt
-        scalars["perf/tokens_per_s"] = tokens / dt
-        scalars["perf/tflops_per_device"] = flops / dt / args.world_size / 1e12
-        peak = _peak(args)
-        if peak:
-            scalars["perf/mfu"] = scalars["perf/tflops_per_device"] / peak
+    scalars.update(_perf_scalars(args, config, seconds))
 
-    images = {}
-    console = []
-    if config.num_moe_experts and iteration % args.log_interval == 0:
-        stats = collect_expert_stats(
-            model, config, parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
-            parallel_state.get_pipeline_model_parallel_group())
-        per_expert = len(stats) * config.n_routed_experts <= _PER_EXPERT_LIMIT
-        with_cross = config.ranks_per_node is not None
-        if not with_cross:
-            _tell_once("rpn", "cross-node routing metric off: ranks per node unknown (--ranks-per-node)")
-        ex = expert_scalars(stats, per_expert, with_cross)
-        scalars.update(ex)
-        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and stats:
-            images["moe/load_heatmap"] = load_heatmap(stats, config.num_layers)
-            bias = bias_heatmap(stats, config.num_layers)
-            if bias is not None:
-                images["moe/bias_heatmap"] = bias
-            if _S.heatmap_dir:
-                _save_png(images["moe/load_heatmap"], os.path.join(_S.heatmap_dir, "load_latest.png"))
-        if "moe/maxvio_mean" in ex:
-            console.append(f"maxvio mean/max: {ex['moe/maxvio_mean']:.3f}/{ex['moe/maxvio_max']:.3f}")
-        if "moe/cross_node_share" in ex:
-            console.append(f"cross-node share: {ex['moe/cross_node_share']:.3f} "
-                           f"({ex['moe/remote_nodes_per_token']:.2f} other nodes/token)")
+    images, console = {}, []
     if iteration % args.log_interval == 0:
+        if config.num_moe_experts:
+            expert_scalars_, images, console = _expert_section(config)
+            scalars.update(expert_scalars_)
         if "perf/tokens_per_s" in scalars:
             console.insert(0, f"tokens/s: {scalars['perf/tokens_per_s']:.0f} | "
                               f"TFLOP/s/device: {scalars['perf/tflops_per_device']:.4g}"
                            + (f" | MFU: {100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars else ""))
-        if "train/gamma" in scalars:
-            console.append(f"gamma: {scalars['train/gamma']:.3g}")
-        if "train/mtp_lambda" in scalars:
-            console.append(f"lambda: {scalars['train/mtp_lambda']:.3g}")
+        console += [f"{name}: {scalars[key]:.3g}" for name, key in
+                    (("gamma", "train/gamma"), ("lambda", "train/mtp_lambda")) if key in scalars]
         if console:
             print_rank_last(f" [dsv3] iteration {iteration:8d} | " + " | ".join(console))
 
-    if _S.jsonl and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+    if _S.jsonl and _is_last_rank():
         with open(_S.jsonl, "a") as f:
             f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
     writer = get_wandb_writer()
