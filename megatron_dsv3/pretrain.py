@@ -638,7 +638,6 @@ def prepare(argv: list[str]) -> argparse.Namespace:
     if args.cpu:
         for dest, value in CPU_FLAGS.items():
             setattr(args, dest, value)
-        args.no_persist_layer_norm = True
     fields = resolve_model_fields(args, given)
     check_launch(args, given, fields)
     notes = []

@@ -24,6 +24,7 @@ LAYOUTS = {
                    "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]),
     "pp2ep2": (4, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
                    "--expert-tensor-parallel-size", "1"]),
+    "pp2vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
 }
 
 

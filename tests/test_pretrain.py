@@ -2,9 +2,11 @@
 every expert-bias replica staying identical.
 
 One world-1 run (A) trains 6 steps and saves at step 3. From that checkpoint:
-  B  world 1, resumed           -> steps 4..6 must equal A's exactly (same floats);
-  C  TP2 x EP2 (SP) on 4 ranks  -> steps 4..6 within 1e-5 relative of A;
-  D  PP2 x EP2 on 4 ranks       -> steps 4..6 within 1e-5 relative of A.
+  B  world 1, resumed (model, Adam, lr schedule, RNG, data position) -> steps 4..6 equal A's exactly;
+  the layouts load only its weights (Megatron's non-distributed optimizer state does not reshard)
+  and train steps 4..6 from a fresh optimizer:
+  world 1; TP2 x EP2 (SP) on 4 ranks; PP2 x EP2 on 4 ranks; PP2 interleaved (2 virtual stages of
+  1 layer) on 2 ranks -> each within 1e-5 relative of world 1.
 Starting all layouts from one checkpoint gives them identical weights (Megatron initialises each
 layout's shards from different RNG streams); resharding the checkpoint is part of what is tested.
 """
@@ -94,7 +96,7 @@ def layout_runs(run_a):
     return results
 
 
-@pytest.mark.parametrize("layout", ["tp2ep2", "pp2ep2"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "pp2ep2", "pp2vpp2"])
 def test_layouts_match_world_size_1(layout_runs, layout):
     ref, got = layout_runs["world1"], layout_runs[layout]
     assert sorted(got) == sorted(ref) == [4, 5, 6]
