@@ -41,7 +41,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .patches import Patch, apply, check_fingerprints as _check, resolve, source_fingerprint  # noqa: F401
+from .patches import Patch, apply, check_fingerprints as _check, resolve
 
 ENV_VAR = "MEGATRON_DSV3_CPU"
 _CPU = torch.device("cpu")

@@ -337,7 +337,7 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
     _check_backend(args, given)
     _check_distributed_optimizer(args)
     _check_data(args)
-    _check_schedules_and_registry(args)
+    _check_registry(args)
 
 
 def _check_fixed_and_unsupported(args, given) -> None:
@@ -430,13 +430,8 @@ def _check_data(args) -> None:
         _check_split_sizes(args)
 
 
-def _check_schedules_and_registry(args) -> None:
-    for dest in ("moe_router_bias_update_schedule", "mtp_loss_scaling_schedule"):
-        if getattr(args, dest):
-            try:
-                Schedule.parse(getattr(args, dest), _flag(dest))
-            except ScheduleError as e:
-                raise LaunchError(str(e)) from None
+def _check_registry(args) -> None:
+    """(The schedules were parsed, and refused when malformed, by resolve_model_fields.)"""
     from . import registry
 
     for table, dest, what in ((registry.DISPATCHERS, "moe_token_dispatcher_type", "--moe-token-dispatcher-type"),
@@ -499,7 +494,6 @@ def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> argparse.N
             setattr(args, dest, [value] if dest == "moe_router_load_balancing_type" else value)
     for field, dest in FIELD_FLAGS.items():
         setattr(args, dest, fields.get(field))
-    args.moe_aux_loss_coeff = fields.get("seq_aux_alpha")
     rope = fields.get("rope_scaling")
     args.rope_type = "yarn" if rope else "rope"
     for key, dest in YARN_FLAGS.items():
@@ -517,7 +511,6 @@ def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> argparse.N
     else:
         args.num_experts = None
     args.kv_channels = fields["v_head_dim"]
-    args.mtp_num_layers = fields.get("mtp_num_layers")
     if args.mtp_num_layers is None:
         args.mtp_loss_scaling_factor = 0.0
     return args
