@@ -25,7 +25,7 @@ def make_tiny_checkpoint(out_dir: str) -> None:
     from megatron_dsv3.config import DSv3Config, cpu_overrides
     from megatron_dsv3.spec import build_model
 
-    hf._ensure_world()
+    from megatron_dsv3.parallel.world import ensure_world; ensure_world()
     torch.manual_seed(0)
     model = build_model(DSv3Config.from_preset("tiny", **cpu_overrides(), init_method_std=0.2))
     with torch.no_grad():
@@ -37,7 +37,7 @@ def make_tiny_checkpoint(out_dir: str) -> None:
 
 def rank_main(rank: int, hf_dir: str, ids: torch.Tensor, out: str):
     from megatron_dsv3 import hf
-    from megatron_dsv3.parallel import init_model_parallel
+    from megatron_dsv3.parallel.world import init_model_parallel
 
     init_model_parallel(tp=2, ep=2)
     model = hf.load(hf_dir)
@@ -60,7 +60,7 @@ def main():
         print(f"[1/3] writing a tiny random DSv3 checkpoint to {hf_dir}")
         make_tiny_checkpoint(hf_dir)
     from megatron_dsv3 import hf
-    from megatron_dsv3.parallel import run_cpu_world
+    from megatron_dsv3.parallel.world import run_cpu_world
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]

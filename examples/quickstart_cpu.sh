@@ -62,7 +62,7 @@ echo "[quickstart] exporting the last checkpoint as HF DeepSeek-V3 -> $OUTPUT_DI
 
 "$PY" - "$OUTPUT_DIR" <<'PYEOF'
 import json, os, sys
-from megatron_dsv3.wandb_offline import read_history
+from megatron_dsv3.training.wandb_offline import read_history
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 first, last = rows[0], rows[-1]
@@ -79,7 +79,7 @@ print(f"""[quickstart] where to look:
   training log      {out}/train.log
   metrics (JSONL)   {out}/metrics.jsonl
   W&B offline run   {out}/wandb   (wandb sync {out}/wandb/wandb/offline-run-*  to upload;
-                    python -m megatron_dsv3.wandb_offline {out}/wandb  to list it here)
+                    python -m megatron_dsv3.training.wandb_offline {out}/wandb  to list it here)
   expert-load map   {out}/checkpoints/expert_load/load_latest.png
   checkpoints       {out}/checkpoints  (resume: same command with --load {out}/checkpoints)
   HF export         {out}/hf""")

@@ -1,29 +1,28 @@
 """Where megatron-dsv3 plugs into Megatron-Core: one table per extension point.
 
-Launchers and tools resolve names here instead of if/elif chains, so later parts (our node-limited
-dispatcher, the DualPipe schedules) register themselves without touching their callers:
+Launchers and tools resolve names here instead of if/elif chains; implementations register
+themselves where they are defined, so later parts register without touching their callers:
 
     @register(DISPATCHERS, "node_limited")
-    class NodeLimitedDispatcher(MoEAlltoAllTokenDispatcher): ...
+    class NodeLimitedDispatcher(MoETokenDispatcher): ...
 
     @register(SCHEDULES, "dualpipev")
-    def dualpipev_forward_backward_func(schedule_pg_collection=None): return run_dualpipev
+    def dualpipev_forward_backward_func(**get_forward_backward_func_kwargs): ...
+
+This module imports nothing of the package (everything else may import it); the modules that
+register built-in entries are imported the first time a table is read through :func:`resolve` /
+:func:`names`.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
-from . import spec
-
 #: Megatron-LM ``--spec <module> <function>`` targets.
-SPECS: dict[str, Callable] = {
-    "decoder_block": spec.get_dsv3_decoder_block_spec,
-    "mtp_block": spec.get_dsv3_mtp_block_spec,
-    "layer": spec.get_dsv3_layer_spec,
-}
+SPECS: dict[str, Callable] = {}
 
 #: ``--moe-token-dispatcher-type`` values. None: Megatron-Core's own dispatcher of that name, chosen
-#: inside its MoELayer. A class: built by our MoE layer (``spec.DSv3MoELayer``) with Megatron's
+#: inside its MoELayer. A class: built by our MoE layer (``model.moe.DSv3MoELayer``) with Megatron's
 #: dispatcher constructor ``(num_local_experts, local_expert_indices, config=, pg_collection=)``.
 DISPATCHERS: dict[str, type | None] = {"alltoall": None, "allgather": None, "flex": None}
 
@@ -32,18 +31,33 @@ DISPATCHERS: dict[str, type | None] = {"alltoall": None, "allgather": None, "fle
 #: arguments and returning a forward-backward function with Megatron's keyword-only signature.
 SCHEDULES: dict[str, Callable | None] = {"1f1b": None}
 
+#: Modules whose import registers the built-in entries.
+_BUILTINS = ("megatron_dsv3.model.spec",)
+
 
 def register(table: dict, name: str):
     """Decorator: ``@register(DISPATCHERS, "node_limited")``; a duplicate name is an error."""
     def deco(obj):
-        if name in table:
+        if name in table and table[name] is not obj:
             raise KeyError(f"{name!r} is already registered")
         table[name] = obj
         return obj
     return deco
 
 
+def _load_builtins() -> None:
+    for module in _BUILTINS:
+        importlib.import_module(module)
+
+
+def names(table: dict) -> list[str]:
+    """The registered names of ``table`` (built-ins included)."""
+    _load_builtins()
+    return sorted(table)
+
+
 def resolve(table: dict, name: str, what: str):
+    _load_builtins()
     if name not in table:
         raise KeyError(f"unknown {what} {name!r}; registered: {sorted(table)}")
     return table[name]
@@ -58,7 +72,7 @@ def install_schedule(name: str) -> None:
     """Make megatron.training's train loop use the schedule registered as ``name``."""
     factory = resolve(SCHEDULES, name, "--pipeline-schedule")
     if factory is not None:
-        from .patches import apply, pipeline_schedule
+        from .compat.patches import apply, pipeline_schedule
 
         pipeline_schedule.FACTORY[0] = factory
         apply([pipeline_schedule.PATCH])

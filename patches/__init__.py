@@ -1,12 +1,19 @@
 """Changes megatron-dsv3 makes to Megatron-Core / megatron.training where no extension point exists.
 
-Installed as ``megatron_dsv3.patches`` (pyproject maps this directory). Each patch is a small named
-unit (:class:`Patch`): what it changes and why, the Megatron-Core version it was written against, and
-a fingerprint (sha1 of the source) of every Megatron object it replaces or relies on.
-``tests/test_patches.py`` checks every fingerprint, so a Megatron upgrade that moves the ground under
-a patch fails loudly instead of running unpatched or mis-patched code.
+This directory is the place to read them; the package imports it as ``megatron_dsv3.compat.patches``
+(``megatron_dsv3/compat/patches`` is a link to it, so a source checkout imports it as an install does).
+Each patch is a small named unit (:class:`Patch`): what it changes and why, the Megatron-Core version
+it was written against, and a fingerprint (sha1 of the source) of every Megatron function it replaces
+or relies on: the replaced functions, their callers on the paths our runs take, and the code whose
+behaviour the patch assumes.
 
-Training patches (applied by the launcher, ``megatron_dsv3.pretrain``; any device):
+The safety net runs at run time, not only in tests: :func:`apply` first checks the installed
+Megatron-Core version and every fingerprint of the patches it applies, and refuses with
+:class:`PatchVerificationError` naming the patch, the version it was written for and the function that
+changed. ``MEGATRON_DSV3_UNVERIFIED_PATCHES=1`` applies them anyway (at the user's own risk; said
+loudly on stderr). Every change a patch makes is recorded, so :func:`revert` restores the originals.
+
+Training patches (applied by the launcher, ``megatron_dsv3.training``; any device):
 
 - ``typing_override``   ``import megatron.training`` uses ``typing.override`` (Python >= 3.12) on 3.11.
 - ``dataset_helpers``   Megatron runs ``make`` on its dataset helpers at start-up; the wheel ships them
@@ -16,32 +23,73 @@ Training patches (applied by the launcher, ``megatron_dsv3.pretrain``; any devic
                         restart) include the launcher's flags, so registered dispatcher names parse.
 - ``pipeline_schedule`` rebinds the train loop's forward-backward function to the schedule chosen
                         with ``--pipeline-schedule`` (only for a schedule registered by megatron-dsv3).
+- ``quiet_gpt_deprecation`` keeps Megatron-Core 0.19.2's "GPTModel IS DEPRECATED" warning (logged on
+                        every model build) away from users of our launcher and API.
 
-The CPU-only patches live in ``megatron_dsv3/cpu_backend.py`` (same :class:`Patch` type).
+The CPU-only patches live in ``megatron_dsv3/compat/cpu_backend.py`` (same :class:`Patch` type).
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 MEGATRON_CORE_VERSION = "0.19.2"
+UNVERIFIED_ENV = "MEGATRON_DSV3_UNVERIFIED_PATCHES"
+
+_MISSING = object()
 
 
-@dataclass
+class PatchVerificationError(RuntimeError):
+    """The installed Megatron-Core is not the code a patch was written against."""
+
+
+@dataclass(eq=False)
 class Patch:
-    """One named change. ``targets`` maps 'module:qualname' to the sha1 (first 12 hex) of its source."""
+    """One named change.
+
+    ``install(patch)`` makes the change through :meth:`set` (so it can be reverted). ``targets`` maps
+    ``'module:qualname'`` (or ``'file:megatron/relative/path.py'`` for a module that cannot be imported
+    before the patch) to the sha1 (first 12 hex digits) of its source in the pinned Megatron-Core.
+    """
 
     name: str
     why: str
-    apply: Callable[[], None]
+    install: Callable[["Patch"], None]
     targets: dict[str, str] = field(default_factory=dict)
     megatron_version: str = MEGATRON_CORE_VERSION
     applied: bool = False
+    _saved: list = field(default_factory=list, repr=False)
+
+    def set(self, obj, attr: str, value) -> None:
+        """``setattr(obj, attr, value)``, remembering what was there for :meth:`revert`."""
+        own = vars(obj) if hasattr(obj, "__dict__") else {}
+        self._saved.append((obj, attr, own.get(attr, _MISSING)))
+        setattr(obj, attr, value)
+
+    def revert(self) -> None:
+        for obj, attr, old in reversed(self._saved):
+            if old is _MISSING:
+                try:
+                    delattr(obj, attr)
+                except AttributeError:
+                    pass
+            else:
+                setattr(obj, attr, old)
+        self._saved.clear()
+        self.applied = False
 
 
 _ORIGINALS: dict[str, object] = {}
+
+
+def _megatron_root() -> str:
+    import megatron
+
+    return os.path.dirname(list(megatron.__path__)[0])
 
 
 def resolve(target: str):
@@ -55,20 +103,22 @@ def resolve(target: str):
     return obj
 
 
+def source_of(target: str) -> str:
+    if target.startswith("file:"):
+        with open(os.path.join(_megatron_root(), target[len("file:"):])) as f:
+            return f.read()
+    return inspect.getsource(resolve(target))
+
+
 def source_fingerprint(target: str) -> str:
-    """sha1 of the source of ``module:qualname`` as shipped (first 12 hex digits)."""
-    return hashlib.sha1(inspect.getsource(resolve(target)).encode()).hexdigest()[:12]
+    """sha1 of the source of ``target`` as installed (first 12 hex digits)."""
+    return hashlib.sha1(source_of(target).encode()).hexdigest()[:12]
 
 
-def apply(patches: list[Patch]) -> None:
-    """Apply each patch once, remembering the originals of its targets."""
-    for patch in patches:
-        if patch.applied:
-            continue
-        for target in patch.targets:
-            _ORIGINALS.setdefault(target, resolve(target))
-        patch.apply()
-        patch.applied = True
+def installed_megatron_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core").split("+")[0]
 
 
 def check_fingerprints(patches: list[Patch]) -> dict[str, tuple[str, str]]:
@@ -76,17 +126,86 @@ def check_fingerprints(patches: list[Patch]) -> dict[str, tuple[str, str]]:
     bad = {}
     for patch in patches:
         for target, expected in patch.targets.items():
-            found = source_fingerprint(target)
+            try:
+                found = source_fingerprint(target)
+            except (AttributeError, ImportError, OSError, TypeError) as err:
+                found = f"missing ({type(err).__name__})"
             if found != expected:
                 bad[target] = (expected, found)
     return bad
 
 
+_WARNED: set[str] = set()
+
+
+def verify(patches: list[Patch], importable_only: bool = False) -> None:
+    """Refuse to patch a Megatron-Core the patches were not written for (see the module doc).
+
+    ``importable_only``: skip targets whose module cannot be imported yet (a patch earlier in the
+    same :func:`apply` call makes it importable; it is verified again just before it is applied)."""
+    problems = []
+    version = installed_megatron_version()
+    for patch in patches:
+        if version != patch.megatron_version:
+            problems.append(f"patch {patch.name!r} was written for Megatron-Core {patch.megatron_version}, "
+                            f"but {version} is installed")
+            continue
+        for target, (expected, found) in check_fingerprints([patch]).items():
+            if importable_only and found == "missing (ImportError)":
+                continue
+            problems.append(f"patch {patch.name!r} (written for Megatron-Core {patch.megatron_version}): "
+                            f"{target} changed (source sha1 {found}, expected {expected})")
+    if not problems:
+        return
+    if os.environ.get(UNVERIFIED_ENV, "0").lower() in ("1", "true", "yes"):
+        for line in problems:
+            if line not in _WARNED:
+                _WARNED.add(line)
+                print(f"[megatron-dsv3] WARNING: {line}; applying it anyway because {UNVERIFIED_ENV}=1. "
+                      "Results are unverified.", file=sys.stderr, flush=True)
+        return
+    raise PatchVerificationError(
+        "megatron-dsv3 refuses to patch this Megatron-Core:\n  " + "\n  ".join(problems)
+        + f"\nInstall megatron-core=={MEGATRON_CORE_VERSION}, or set {UNVERIFIED_ENV}=1 to apply the "
+        "patches anyway at your own risk.")
+
+
+def apply(patches: list[Patch]) -> None:
+    """Verify, then apply each patch once, remembering the originals of its targets. Everything that
+    can be checked is checked before anything changes; a target that only imports once an earlier
+    patch of the same call is in place is checked just before its own patch, and when that one is
+    refused the patches this call applied are reverted: all or nothing."""
+    verify([p for p in patches if not p.applied], importable_only=True)
+    done = []
+    try:
+        for patch in patches:
+            if patch.applied:
+                continue
+            verify([patch])
+            for target in patch.targets:
+                if not target.startswith("file:"):
+                    _ORIGINALS.setdefault(target, resolve(target))
+            patch.install(patch)
+            patch.applied = True
+            done.append(patch)
+    except BaseException:
+        revert(done)
+        raise
+
+
+def revert(patches: list[Patch]) -> None:
+    """Undo applied patches (in reverse order)."""
+    for patch in reversed(patches):
+        if patch.applied:
+            patch.revert()
+
+
 def training_patches() -> list[Patch]:
     """The launcher's patches, in the order they must be applied."""
-    from . import dataset_helpers, reparse_args, training_log_hook, typing_override
+    from . import dataset_helpers, quiet_gpt_deprecation, reparse_args, training_log_hook, typing_override
 
-    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH, reparse_args.PATCH]
+    return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH, reparse_args.PATCH,
+            quiet_gpt_deprecation.PATCH]
 
 
 def all_patches() -> list[Patch]:

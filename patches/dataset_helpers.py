@@ -20,15 +20,15 @@ def compile_helpers_if_missing() -> None:
         resolve(TARGET)()
 
 
-def _apply() -> None:
+def _install(patch: Patch) -> None:
     from megatron.core.datasets import utils
 
-    utils.compile_helpers = compile_helpers_if_missing
+    patch.set(utils, "compile_helpers", compile_helpers_if_missing)
 
 
 PATCH = Patch(
     "dataset_helpers",
     "initialize_megatron runs `make` on dataset helpers the wheel already ships compiled",
-    _apply,
+    _install,
     {TARGET: "be6ad313e935", "megatron.training.initialize:_compile_dependencies": "1a5adcc542a6"},
 )

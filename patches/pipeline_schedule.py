@@ -17,18 +17,18 @@ TARGET = "megatron.training.training:get_forward_backward_func"
 FACTORY: list[Optional[Callable]] = [None]
 
 
-def _apply() -> None:
+def _install(patch: Patch) -> None:
     from megatron.training import training
 
     if FACTORY[0] is None:
         raise RuntimeError("pipeline_schedule: no schedule factory chosen")
-    training.get_forward_backward_func = FACTORY[0]
+    patch.set(training, "get_forward_backward_func", FACTORY[0])
 
 
 PATCH = Patch(
     "pipeline_schedule",
     "train()/evaluate() call Megatron-Core's get_forward_backward_func with no way to pass another",
-    _apply,
+    _install,
     {TARGET: "e41c9d561cb5", "megatron.training.training:train": "f4a950fdd4d0",
      "megatron.training.training:evaluate": "e21250873fb0"},
 )

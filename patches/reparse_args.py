@@ -18,7 +18,7 @@ TARGET = "megatron.training.arguments:parse_args"
 EXTRA_ARGS: list[Optional[Callable]] = [None]
 
 
-def _apply() -> None:
+def _install(patch: Patch) -> None:
     from megatron.training import arguments
 
     original = resolve(TARGET)
@@ -29,13 +29,13 @@ def _apply() -> None:
     def parse_args(extra_args_provider=None, ignore_unknown_args=False):
         return original(extra_args_provider or EXTRA_ARGS[0], ignore_unknown_args)
 
-    arguments.parse_args = parse_args
+    patch.set(arguments, "parse_args", parse_args)
 
 
 PATCH = Patch(
     "reparse_args",
     "ft_integration.setup / inprocess_restart re-parse sys.argv without the launcher's arguments",
-    _apply,
+    _install,
     {TARGET: "7f2b7750e1be", "megatron.training.ft_integration:setup": "21f6647f86b3",
      "megatron.training.inprocess_restart:maybe_wrap_for_inprocess_restart": "2ef6736fa40a"},
 )

@@ -22,7 +22,7 @@ TARGET = "megatron.training.training:training_log"
 HOOKS: list[Callable] = []
 
 
-def _apply() -> None:
+def _install(patch: Patch) -> None:
     from megatron.training import training
 
     original = resolve(TARGET)
@@ -52,12 +52,12 @@ def _apply() -> None:
                  grad_norm=grad_norm, skipped_iter=skipped_iter, wandb_logged=logged)
         return result
 
-    training.training_log = training_log
+    patch.set(training, "training_log", training_log)
 
 
 PATCH = Patch(
     "training_log_hook",
     "train() calls training_log each iteration with no callback for extra metrics",
-    _apply,
-    {TARGET: "02a4e7b41dea"},
+    _install,
+    {TARGET: "02a4e7b41dea", "megatron.training.training:train": "f4a950fdd4d0"},
 )

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 def cpu_world():
     """A single-process gloo world with Megatron's model-parallel state (TP=EP=PP=1)."""
     from megatron_dsv3 import cpu_backend
-    from megatron_dsv3.parallel import init_model_parallel, init_world
+    from megatron_dsv3.parallel.world import init_model_parallel, init_world
 
     cpu_backend.enable()
     init_world(0, 1)

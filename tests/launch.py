@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from megatron_dsv3.parallel import free_port
+from megatron_dsv3.parallel.world import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

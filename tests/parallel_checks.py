@@ -40,7 +40,7 @@ def parity(rank: int, ckpt: str, ref_path: str, out_path: str):
     from megatron.core import parallel_state as ps
 
     from megatron_dsv3 import hf
-    from megatron_dsv3.parallel import init_model_parallel
+    from megatron_dsv3.parallel.world import init_model_parallel
 
     ref = torch.load(ref_path)
     report = {}

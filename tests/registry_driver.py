@@ -3,8 +3,9 @@ DualPipe and node-limited dispatcher work will do), each counting its calls and 
 delegating to Megatron-Core's own:  torchrun tests/registry_driver.py <launcher args>"""
 import sys
 
-from megatron_dsv3 import pretrain, registry
-from megatron_dsv3.patches import apply, typing_override
+from megatron_dsv3 import registry
+from megatron_dsv3.training import launcher as pretrain
+from megatron_dsv3.compat.patches import apply, typing_override
 
 apply([typing_override.PATCH])
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402

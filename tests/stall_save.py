@@ -4,8 +4,8 @@ kill-during-save test:  torchrun tests/stall_save.py ITERATION <launcher args>""
 import sys
 import time
 
-from megatron_dsv3 import pretrain
-from megatron_dsv3.patches import apply, typing_override
+from megatron_dsv3.training import launcher as pretrain
+from megatron_dsv3.compat.patches import apply, typing_override
 
 apply([typing_override.PATCH])
 from megatron.core import dist_checkpointing  # noqa: E402

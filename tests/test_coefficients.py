@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from megatron_dsv3 import metrics
-from megatron_dsv3.coefficients import Schedule, ScheduleError, parse_tokens
+from megatron_dsv3.training import coefficients
+from megatron_dsv3.config.schedules import Schedule, ScheduleError, parse_tokens
 
 
 def test_parse_and_piecewise_constant():
@@ -31,15 +31,15 @@ def test_schedules_set_gamma_and_lambda_on_the_model_config(monkeypatch):
     config = types.SimpleNamespace(moe_router_bias_update_rate=0.001, bias_update_rate=0.001,
                                    mtp_loss_scaling_factor=0.3, mtp_lambda=0.3, mtp_num_layers=1)
     model = types.SimpleNamespace(config=config)
-    monkeypatch.setattr(metrics, "_S", metrics._State(gamma=Schedule.parse("0:0.001,1M:0", "g"),
-                                                      lam=Schedule.parse("0:0.3,2M:0.1", "l")))
+    monkeypatch.setattr(coefficients, "_SCHEDULES", {"bias_update_rate": Schedule.parse("0:0.001,1M:0", "g"),
+                                                     "mtp_lambda": Schedule.parse("0:0.3,2M:0.1", "l")})
     args = types.SimpleNamespace(seq_length=1000, consumed_train_samples=999)      # 999k tokens
-    metrics.apply_coefficient_schedules(model, args)
+    coefficients.apply(model, args)
     assert (config.moe_router_bias_update_rate, config.mtp_loss_scaling_factor) == (0.001, 0.3)
     args.consumed_train_samples = 1500                                             # 1.5M tokens
-    metrics.apply_coefficient_schedules(model, args)
+    coefficients.apply(model, args)
     assert (config.moe_router_bias_update_rate, config.bias_update_rate) == (0.0, 0.0)
     assert config.mtp_loss_scaling_factor == 0.3
     args.consumed_train_samples = 2000
-    metrics.apply_coefficient_schedules(model, args)
+    coefficients.apply(model, args)
     assert config.mtp_loss_scaling_factor == config.mtp_lambda == 0.1

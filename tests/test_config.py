@@ -6,6 +6,7 @@ import math
 import pytest
 
 from megatron_dsv3.config import PRESETS, DSv3Config, DSv3ConfigError, cpu_overrides
+from megatron_dsv3.model.mla import mla_softmax_scale
 from hf_reference import hf_config_dict
 
 
@@ -19,7 +20,7 @@ def test_deepseek_v3_preset_is_the_671b_model():
     assert c.mtp_num_layers == 1 and c.mtp_loss_scaling_factor == 0.3
     assert c.moe_aux_loss_coeff == 0.0001 and c.moe_router_bias_update_rate == 0.001
     m = 0.1 * 1.0 * math.log(40) + 1
-    assert c.mla_softmax_scale == pytest.approx(192 ** -0.5 * m * m) == pytest.approx(0.1352338, abs=1e-7)
+    assert mla_softmax_scale(c) == pytest.approx(192 ** -0.5 * m * m) == pytest.approx(0.1352338, abs=1e-7)
 
 
 def test_v2_lite_and_tiny_presets():
@@ -86,6 +87,13 @@ def test_derived_megatron_fields_list_is_complete():
 
     megatron_fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
     assert DERIVED_MEGATRON_FIELDS <= megatron_fields
+    # Megatron fields DSv3Config declares again with DSv3's default (dropout 0): not derived, the
+    # launcher passes Megatron's argument value for them.
+    megatron_defaults = {f.name: f.default for f in dataclasses.fields(MLATransformerConfig)}
+    redeclared = {f.name for f in dataclasses.fields(DSv3Config)
+                  if f.name in megatron_defaults and f.default is not megatron_defaults[f.name]
+                  and f.default != megatron_defaults[f.name]}
+    assert redeclared == {"hidden_dropout", "attention_dropout", "q_lora_rank", "kv_lora_rank", "v_head_dim"}
     shared = ("num_layers", "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
               "v_head_dim", "mtp_num_layers")
     for name in ("deepseek-v3", "tiny"):
@@ -93,4 +101,4 @@ def test_derived_megatron_fields_list_is_complete():
         plain = MLATransformerConfig(**{k: getattr(cfg, k) for k in shared})
         differ = {f for f in megatron_fields if not callable(getattr(cfg, f))   # init methods: objects
                   and getattr(cfg, f) != getattr(plain, f)}
-        assert differ <= DERIVED_MEGATRON_FIELDS, (name, differ - DERIVED_MEGATRON_FIELDS)
+        assert differ <= DERIVED_MEGATRON_FIELDS | redeclared, (name, differ - DERIVED_MEGATRON_FIELDS)

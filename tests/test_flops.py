@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_dsv3.config import DSv3Config, cpu_overrides
-from megatron_dsv3.flops import (
+from megatron_dsv3.training.flops import (
     PARTS,
     PEAK_TFLOPS,
     mfu,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from launch import ROOT, TINY
-from megatron_dsv3 import pretrain
-from megatron_dsv3.pretrain import LaunchError
+from megatron_dsv3.training import launcher as pretrain
+from megatron_dsv3.training.arguments import LaunchError
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +134,7 @@ def test_model_config_from_args_matches_the_preset():
     from megatron.training.arguments import validate_args
 
     from megatron_dsv3.config import DSv3Config, cpu_overrides
+    from megatron_dsv3.model.mla import mla_softmax_scale
 
     args = _prepare()
     validate_args(args, {})
@@ -145,8 +146,9 @@ def test_model_config_from_args_matches_the_preset():
                  "v_head_dim", "kv_channels", "rope_type", "rotary_scaling_factor", "mscale",
                  "mscale_all_dim", "mtp_num_layers", "mtp_loss_scaling_factor", "layernorm_epsilon",
                  "moe_shared_expert_intermediate_size", "ffn_hidden_size", "hidden_size", "num_layers",
-                 "mla_softmax_scale", "normalization", "add_bias_linear", "qk_layernorm"):
+                 "normalization", "add_bias_linear", "qk_layernorm"):
         assert getattr(cfg, name) == getattr(ref, name), name
+    assert mla_softmax_scale(cfg) == mla_softmax_scale(ref)
 
 
 def test_launcher_exits_with_the_message_before_torch_distributed():

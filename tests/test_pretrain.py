@@ -46,8 +46,8 @@ def _resume_from_3(root, name):
 
 def test_loss_falls_and_metrics_are_logged(run_a):
     """The W&B offline run holds the README's metrics; train/loss is the DSv3 objective."""
-    from megatron_dsv3.metrics import METRICS
-    from megatron_dsv3.wandb_offline import read_history
+    from megatron_dsv3.training.metrics import METRICS
+    from megatron_dsv3.training.wandb_offline import read_history
 
     root, a = run_a
     assert sorted(a) == [1, 2, 3, 4, 5, 6]

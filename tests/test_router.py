@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from megatron_dsv3.router import route, sequence_balance_loss
+from megatron_dsv3.model.router import route, sequence_balance_loss
 
 
 def brute_force_route(logits, bias, top_k, n_group, topk_group, scaling):
@@ -80,7 +80,7 @@ def test_cross_node_counts_against_a_loop():
     token, for random routings (brute force reference)."""
     import torch
 
-    from megatron_dsv3.router import cross_node_counts
+    from megatron_dsv3.parallel.topology import cross_node_counts
 
     g = torch.Generator().manual_seed(0)
     for n_nodes, own in ((2, 0), (4, 3), (3, 1)):
@@ -88,7 +88,8 @@ def test_cross_node_counts_against_a_loop():
         indices = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(50)])
         remote = sum(int(expert_node[e] != own) for row in indices for e in row)
         nodes = sum(len({int(expert_node[e]) for e in row} - {own}) for row in indices)
-        got = cross_node_counts(indices, expert_node, own, n_nodes)
+        routing_map = torch.zeros(50, 16, dtype=torch.bool).scatter(1, indices, True)
+        got = cross_node_counts(routing_map, expert_node, own, n_nodes)
         assert got.tolist() == [remote, nodes, 50]
 
 

@@ -103,7 +103,7 @@ def main():
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from megatron_dsv3 import cpu_backend
-    from megatron_dsv3.parallel import init_model_parallel, init_world
+    from megatron_dsv3.parallel.world import init_model_parallel, init_world
 
     if device == "cpu":
         cpu_backend.enable()

@@ -1,4 +1,5 @@
-"""Process-group set-up shared by the HF API, tests and tools (not used by model code)."""
+"""Process-group set-up shared by the HF API, tests, examples and tools (not used by model code):
+a gloo world on localhost, Megatron's model-parallel groups on it, and a spawn helper for CPU worlds."""
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def _spawned(rank: int, world_size: int, port: int, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHDYNAMO_DISABLE="1",
                       OMP_NUM_THREADS="1", MEGATRON_DSV3_CPU="1")
     torch.set_num_threads(1)
-    from . import cpu_backend
+    from ..compat import cpu_backend
 
     cpu_backend.enable()
     init_world(rank, world_size, port)
@@ -59,3 +60,27 @@ def run_cpu_world(world_size: int, fn, *args) -> None:
 
     mp.start_processes(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size,
                        join=True, start_method="spawn")
+
+
+_TOLD = []
+
+
+def ensure_world() -> None:
+    """A single-process world with Megatron's model-parallel state when none exists (the caller's
+    parallel state otherwise). Without CUDA (or with ``MEGATRON_DSV3_CPU=1``) this turns the CPU
+    backend on for the process and says so once on stderr."""
+    import sys
+
+    from ..compat import cpu_backend
+
+    if (not torch.cuda.is_available() or cpu_backend.requested()) and not cpu_backend.is_enabled():
+        cpu_backend.enable()
+        if not _TOLD and not cpu_backend.requested():
+            _TOLD.append(True)
+            print("[megatron-dsv3] no CUDA device: turned on the CPU backend for this process "
+                  "(megatron_dsv3.cpu_backend.disable() turns it off; MEGATRON_DSV3_CPU=1 asks for it "
+                  "without this note)", file=sys.stderr, flush=True)
+    if not dist.is_initialized():
+        init_world(0, 1)
+    if not parallel_state.model_parallel_is_initialized():
+        init_model_parallel()

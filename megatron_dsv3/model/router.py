@@ -63,34 +63,6 @@ def sequence_balance_loss(scores: torch.Tensor, routing_map: torch.Tensor, seq_l
     return alpha * (f * p).sum(dim=-1).mean()
 
 
-def cross_node_counts(indices: torch.Tensor, expert_node: torch.Tensor, own_node: int,
-                      n_nodes: int) -> torch.Tensor:
-    """[assignments to experts on other nodes, sum over tokens of distinct other nodes, tokens] for
-    top-k ``indices`` [T, K] of tokens on ``own_node``; ``expert_node`` [E] is each expert's node."""
-    node = expert_node[indices]                                             # [T, K]
-    remote = node != own_node
-    hit = torch.zeros(indices.shape[0], n_nodes, dtype=torch.bool, device=indices.device)
-    hit.scatter_(1, node, True)
-    hit[:, own_node] = False
-    return torch.stack([remote.sum(), hit.sum(), torch.tensor(indices.shape[0], device=indices.device)]).float()
-
-
-def _expert_nodes(config, pg_collection, num_experts: int):
-    """(node of each expert [E], this rank's node) when ``config.ranks_per_node`` is set, else (None, -1).
-
-    Expert e lives on expert-parallel rank e // (E / EP); a node holds ``ranks_per_node`` consecutive
-    global ranks (torchrun / Slurm numbering)."""
-    rpn = getattr(config, "ranks_per_node", None)
-    if not rpn or not torch.distributed.is_initialized():
-        return None, -1
-    ep_group = getattr(pg_collection, "ep", None)
-    ep_ranks = (torch.distributed.get_process_group_ranks(ep_group) if ep_group is not None
-                else [torch.distributed.get_rank()])
-    per_rank = num_experts // len(ep_ranks)
-    nodes = torch.tensor([ep_ranks[e // per_rank] // rpn for e in range(num_experts)])
-    return nodes, torch.distributed.get_rank() // rpn
-
-
 class DSv3Router(MegatronModule):
     """Router with Megatron's interface: ``forward(x [s, b, h], padding_mask) -> (probs, routing_map)``.
 
@@ -120,17 +92,6 @@ class DSv3Router(MegatronModule):
         else:
             self.expert_bias = None
             self.local_tokens_per_expert = None
-        # Logging only (megatron_dsv3.metrics reads and resets it): tokens routed to each expert, and
-        # for the cross-node metric [assignments to experts on another node, distinct other nodes
-        # reached summed over tokens, tokens].
-        self.register_buffer("load_since_log", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.register_buffer("cross_node_since_log", torch.zeros(3, dtype=torch.float32), persistent=False)
-        nodes, self.own_node = _expert_nodes(config, pg_collection, E)
-        if nodes is not None:
-            self.register_buffer("expert_node", nodes, persistent=False)
-            self.n_nodes = max(int(nodes.max()), self.own_node) + 1
-        else:
-            self.expert_node = None
 
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
@@ -166,14 +127,9 @@ class DSv3Router(MegatronModule):
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, indices, True)
 
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                counts = routing_map.sum(dim=0)
-                if self.use_bias:
-                    self.local_tokens_per_expert += counts
-                self.load_since_log += counts
-                if self.expert_node is not None:
-                    self.cross_node_since_log += cross_node_counts(indices, self.expert_node, self.own_node,
-                                                                   self.n_nodes)
+            if self.use_bias:
+                with torch.no_grad():
+                    self.local_tokens_per_expert += routing_map.sum(dim=0)
             if c.seq_aux_alpha > 0:
                 sp = c.sequence_parallel and self.tp_group.size() > 1
                 seq_len = s_local * (self.tp_group.size() if sp else 1)

@@ -4,7 +4,7 @@ Megatron's own metrics stay as they are (console line; W&B: ``mtp_k loss``, ``se
 ...). This module adds, under the names listed in :data:`METRICS` (also in the README):
 
 - every iteration: the objective and its parts, lr, grad norm, throughput (tokens/s, TFLOP/s per
-  device from the exact count in :mod:`megatron_dsv3.flops`, MFU when the device peak is known), and
+  device from the exact count in :mod:`megatron_dsv3.training.flops`, MFU when the device peak is known), and
   the current gamma / lambda of the token-keyed schedules;
 - every ``--log-interval`` iterations: per-layer expert load (tokens per expert summed over all ranks
   that route for the layer), its max violation ``(max_e load - mean load) / mean load``, a heatmap
@@ -26,7 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .coefficients import Schedule
+from ..parallel.topology import cross_node_counts, expert_nodes
+from .heatmaps import bias_heatmap, load_heatmap, save_png
 
 #: W&B names written by megatron-dsv3 ({L}: 1-based decoder layer, MTP layers after the decoder; {e}: expert).
 METRICS = {
@@ -64,28 +65,36 @@ RELIES_ON = {
 
 
 @dataclass
+class _RouterCounts:
+    """Tokens routed to each expert [E], and [assignments to experts on another node, distinct other
+    nodes reached summed over tokens, tokens], since the last log."""
+
+    load: torch.Tensor
+    cross: torch.Tensor
+    expert_node: Optional[torch.Tensor] = None
+    own_node: int = -1
+    n_nodes: int = 0
+
+
+@dataclass
 class _State:
-    gamma: Optional[Schedule] = None
-    lam: Optional[Schedule] = None
     last_time: Optional[float] = None
     flops_per_iter: Optional[float] = None
     peak: Optional[float] = None
     told: set = field(default_factory=set)
     heatmap_dir: Optional[str] = None
     jsonl: Optional[str] = None
+    config: object = None
+    routers: dict = field(default_factory=dict)     # DSv3Router -> _RouterCounts
 
 
 _S = _State()
 
 
 def install(args) -> None:
-    """Set up the schedules and register :func:`on_iteration` with the training_log hook."""
-    from .patches import training_log_hook
+    """Register :func:`on_iteration` with the training_log hook."""
+    from ..compat.patches import training_log_hook
 
-    _S.gamma = (Schedule.parse(args.moe_router_bias_update_schedule, "--moe-router-bias-update-schedule")
-                if args.moe_router_bias_update_schedule else None)
-    _S.lam = (Schedule.parse(args.mtp_loss_scaling_schedule, "--mtp-loss-scaling-schedule")
-              if args.mtp_loss_scaling_schedule else None)
     _S.peak = args.peak_tflops
     _S.heatmap_dir = os.path.join(args.save, "expert_load") if args.save else None
     _S.jsonl = args.metrics_jsonl
@@ -93,53 +102,61 @@ def install(args) -> None:
         training_log_hook.HOOKS.append(on_iteration)
 
 
-def apply_coefficient_schedules(model, args) -> None:
-    """Set gamma and lambda for the current consumed tokens on the model config (read by Megatron's
-    finalize_model_grads bias update and MTP loss scaling)."""
-    if _S.gamma is None and _S.lam is None:
-        return
-    from megatron.core.utils import get_model_config
+def attach(model) -> None:
+    """Count expert load (and cross-node traffic when ``config.ranks_per_node`` is set) on every
+    router of this model chunk, through forward hooks (training steps only)."""
+    from megatron.core import parallel_state
 
-    config = get_model_config(model)
-    tokens = args.consumed_train_samples * args.seq_length
-    if _S.gamma is not None:
-        config.moe_router_bias_update_rate = config.bias_update_rate = _S.gamma.at(tokens)
-    if _S.lam is not None and config.mtp_num_layers:
-        config.mtp_loss_scaling_factor = config.mtp_lambda = _S.lam.at(tokens)
+    from ..model.router import DSv3Router
+
+    _S.config = model.config
+    rpn = model.config.ranks_per_node
+    for module in model.modules():
+        if not isinstance(module, DSv3Router):
+            continue
+        E = module.num_experts
+        counts = _RouterCounts(load=torch.zeros(E), cross=torch.zeros(3))
+        if rpn and torch.distributed.is_initialized():
+            ep_ranks = torch.distributed.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+            counts.expert_node = expert_nodes(ep_ranks, E, rpn)
+            counts.own_node = torch.distributed.get_rank() // rpn
+            counts.n_nodes = max(int(counts.expert_node.max()), counts.own_node) + 1
+        _S.routers[module] = counts
+        module.register_forward_hook(_count)
+
+
+def _count(router, inputs, output) -> None:
+    if not (router.training and torch.is_grad_enabled()):
+        return
+    _, routing_map = output
+    counts = _S.routers[router]
+    with torch.no_grad():
+        counts.load += routing_map.sum(dim=0)
+        if counts.expert_node is not None:
+            counts.cross += cross_node_counts(routing_map, counts.expert_node, counts.own_node, counts.n_nodes)
 
 
 # ----------------------------------------------------------------------------------------------
-def _routers(model_chunks):
-    from .router import DSv3Router
-
-    found = []
-    for chunk in model_chunks:
-        for module in chunk.modules():
-            if isinstance(module, DSv3Router):
-                found.append(module)
-    return found
-
-
 def _layer_id(router, config) -> int:
     return router.layer_number + (config.num_layers if router.is_mtp_layer else 0)
 
 
-def collect_expert_stats(model_chunks, config, routing_group, pp_group) -> Optional[dict]:
+def collect_expert_stats(config, routing_group, pp_group) -> Optional[dict]:
     """Per-layer load / bias / cross-node counts since the last call, summed over ``routing_group``
     (the ranks that route for the same layers) and gathered over ``pp_group``. Resets the counters.
     Collective: every rank must call it."""
-    routers = _routers(model_chunks)
+    routers = list(_S.routers)
     E = config.n_routed_experts
     n = len(routers)
-    load = torch.stack([r.load_since_log for r in routers]) if n else torch.zeros(0, E)
-    cross = torch.stack([r.cross_node_since_log for r in routers]) if n else torch.zeros(0, 3)
+    load = torch.stack([_S.routers[r].load for r in routers]) if n else torch.zeros(0, E)
+    cross = torch.stack([_S.routers[r].cross for r in routers]) if n else torch.zeros(0, 3)
     spread = torch.zeros(n)
     if n:
         torch.distributed.all_reduce(load, group=routing_group)
         torch.distributed.all_reduce(cross, group=routing_group)
         for r in routers:
-            r.load_since_log.zero_()
-            r.cross_node_since_log.zero_()
+            _S.routers[r].load.zero_()
+            _S.routers[r].cross.zero_()
         if routers[0].expert_bias is not None:   # every replica of a layer's bias must be identical
             bias = torch.stack([r.expert_bias.detach().float() for r in routers])
             hi, lo = bias.clone(), bias.clone()
@@ -193,71 +210,6 @@ def expert_scalars(stats: dict, per_expert: bool, with_cross: bool) -> dict:
             out["moe/cross_node_share"] = float(cross[0] / max(assignments, 1))
             out["moe/remote_nodes_per_token"] = float(cross[1] / cross[2])
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Heatmaps without matplotlib: a 5-stop perceptual palette (viridis anchors), nearest-neighbour cells.
-_PALETTE = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-
-
-def heatmap_rgb(values: np.ndarray, lo: float, hi: float, cell: Optional[int] = None) -> np.ndarray:
-    """[rows, cols] -> uint8 RGB image [rows*cell, cols*cell, 3]; values clipped to [lo, hi].
-    Default cell size: about 512 px wide, 2..32 px per cell."""
-    if cell is None:
-        cell = max(2, min(32, 512 // max(values.shape[1], 1)))
-    t = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * (len(_PALETTE) - 1)
-    i = np.minimum(t.astype(int), len(_PALETTE) - 2)
-    f = (t - i)[..., None]
-    rgb = _PALETTE[i] * (1 - f) + _PALETTE[i + 1] * f
-    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1).astype(np.uint8)
-
-
-def labelled(rgb: np.ndarray, row_labels: list[str], title: str) -> np.ndarray:
-    """The heatmap with a title line and one label per row (PIL's built-in font)."""
-    from PIL import Image, ImageDraw
-
-    rows = len(row_labels)
-    cell_h = rgb.shape[0] // max(rows, 1)
-    margin_left, margin_top = 40, 16
-    canvas = Image.new("RGB", (rgb.shape[1] + margin_left, rgb.shape[0] + margin_top), "white")
-    canvas.paste(Image.fromarray(rgb), (margin_left, margin_top))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 2), title, fill="black")
-    if cell_h >= 10:
-        for i, label in enumerate(row_labels):
-            draw.text((2, margin_top + i * cell_h + (cell_h - 10) // 2), label, fill="black")
-    return np.asarray(canvas)
-
-
-def _row_labels(stats: dict, num_layers: int) -> list[str]:
-    return [f"L{k}" if k <= num_layers else f"MTP{k - num_layers}" for k in sorted(stats)]
-
-
-def load_heatmap(stats: dict, num_layers: int) -> np.ndarray:
-    """log2(load / mean load) per layer (rows; MTP layers last), experts as columns."""
-    rows = []
-    for layer in sorted(stats):
-        load = stats[layer]["load"].astype(float)
-        rows.append(np.log2(np.maximum(load, 1e-9) / max(load.mean(), 1e-9)))
-    return labelled(heatmap_rgb(np.array(rows), -2.0, 2.0), _row_labels(stats, num_layers),
-                    "expert load / mean, log2 (purple -2 .. yellow +2)")
-
-
-def bias_heatmap(stats: dict, num_layers: int) -> Optional[np.ndarray]:
-    keys = [k for k in sorted(stats) if stats[k]["bias"] is not None]
-    if not keys:
-        return None
-    b = np.array([stats[k]["bias"] for k in keys])
-    span = max(float(np.abs(b).max()), 1e-6)
-    return labelled(heatmap_rgb(b, -span, span), _row_labels({k: None for k in keys}, num_layers),
-                    f"expert bias (purple {-span:.3g} .. yellow {span:.3g})")
-
-
-def _save_png(rgb: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(rgb).save(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +294,7 @@ def _expert_section(config) -> tuple[dict, dict, list[str]]:
     from megatron.core import parallel_state
 
     stats = collect_expert_stats(
-        _CHUNKS, config, parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        config, parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
         parallel_state.get_pipeline_model_parallel_group())
     with_cross = config.ranks_per_node is not None
     if not with_cross:
@@ -355,7 +307,7 @@ def _expert_section(config) -> tuple[dict, dict, list[str]]:
         if bias is not None:
             images["moe/bias_heatmap"] = bias
         if _S.heatmap_dir:
-            _save_png(images["moe/load_heatmap"], os.path.join(_S.heatmap_dir, "load_latest.png"))
+            save_png(images["moe/load_heatmap"], os.path.join(_S.heatmap_dir, "load_latest.png"))
     console = []
     if "moe/maxvio_mean" in scalars:
         console.append(f"maxvio mean/max: {scalars['moe/maxvio_mean']:.3f}/{scalars['moe/maxvio_max']:.3f}")
@@ -377,9 +329,9 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
     now = _training_seconds()
     seconds = None if _S.last_time is None else now - _S.last_time
     _S.last_time = now
-    if not _CHUNKS:
+    config = _S.config
+    if config is None:
         return
-    config = _CHUNKS[0].config
     scalars = _loss_scalars(loss_dict, config, wandb_logged or {})
     if learning_rate is not None:
         scalars["train/lr"] = float(learning_rate)
@@ -414,11 +366,3 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
         for key, rgb in images.items():
             payload[key] = writer.Image(rgb, caption=f"iteration {iteration}")
         writer.log(payload, step=iteration)
-
-
-#: The model chunks of this rank, recorded by the launcher's model provider.
-_CHUNKS: list = []
-
-
-def register_chunk(module) -> None:
-    _CHUNKS.append(module)

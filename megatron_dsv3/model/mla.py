@@ -33,6 +33,16 @@ from megatron.core.transformer.spec_utils import build_module
 from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
 
 
+def mla_softmax_scale(config) -> float:
+    """(dn + dr)^-0.5 * m^2 with m = yarn_mscale(factor, mscale_all_dim) under YaRN (DSv3: 0.1352338)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rs = config.rope_scaling
+    if rs is not None and rs["factor"] > 1:
+        m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
 class DuplicatedLinear(torch.nn.Module):
     """A linear layer replicated on every TP rank (Megatron's local backend has none).
 
@@ -112,7 +122,7 @@ class MultiLatentAttention(MegatronModule):
                                         init_method=c.output_layer_init_method, bias=False,
                                         input_is_parallel=True, skip_bias_add=True, is_expert=False,
                                         tp_comm_buffer_name="proj", tp_group=self.tp_group)
-        self.softmax_scale = c.mla_softmax_scale
+        self.softmax_scale = mla_softmax_scale(c)
         rs = c.rope_scaling
         self.rope_attention_factor = (
             yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])

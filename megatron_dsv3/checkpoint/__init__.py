@@ -1,0 +1,1 @@
+"""Checkpoints: the HF key table (``hf_keys``), reader (``hf_reader``) and writer (``hf_writer``)."""

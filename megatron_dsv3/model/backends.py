@@ -1,0 +1,69 @@
+"""The layer classes of one build: Megatron-Core's local layers (CPU and any GPU) or Transformer
+Engine's (FP8 on NVIDIA GPUs). One spec function serves both (:mod:`megatron_dsv3.model.spec`).
+
+Transformer Engine is an optional extra and import-guarded: asking for it without it installed raises
+a clear error naming the install step. It cannot be installed on the CPU machines, so the TE backend
+is checked on a GPU only (``tools/gpu_check.sh``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+TE_MISSING = (
+    "Transformer Engine is not installed, but transformer_impl='transformer_engine' (or FP8) was "
+    "asked for. Install it on a CUDA machine with `pip install 'megatron-dsv3[te]'`, or use "
+    "--transformer-impl local (CPU runs always use local).")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The layer classes one build uses."""
+
+    column: type
+    row: type
+    duplicated: type
+    norm: type
+    experts: object
+
+
+def require_te():
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as mte
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise RuntimeError(TE_MISSING) from err
+    if not mte.HAVE_TE:  # pragma: no cover
+        raise RuntimeError(TE_MISSING)
+    return mte
+
+
+def local_backend(config) -> Backend:
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from .mla import DuplicatedLinear
+    from .norm import RMSNorm
+
+    return Backend(column=ColumnParallelLinear, row=RowParallelLinear, duplicated=DuplicatedLinear,
+                   norm=RMSNorm, experts=LocalSpecProvider().grouped_mlp_modules(False))
+
+
+def te_backend(config) -> Backend:
+    mte = require_te()  # pragma: no cover - GPU only below
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return Backend(
+        column=mte.TEColumnParallelLinear,
+        row=mte.TERowParallelLinear,
+        duplicated=partial(mte.TELinear, parallel_mode="duplicated", skip_weight_param_allocation=False),
+        norm=mte.TENorm,
+        experts=TESpecProvider().grouped_mlp_modules(bool(config.moe_grouped_gemm)),
+    )
+
+
+def backend_for(config) -> Backend:
+    """The backend ``config.transformer_impl`` names."""
+    if config.transformer_impl == "transformer_engine":
+        return te_backend(config)
+    return local_backend(config)

@@ -1,0 +1,113 @@
+"""Megatron-Core layer specs for DeepSeek-V3, and the model builder.
+
+The model is Megatron-Core's ``GPTModel`` (embedding, decoder block, final norm, output head, MTP
+block, pipeline stages, losses) with every DSv3 part swapped in through specs:
+
+    embed -> [TransformerLayer(RMSNorm, MultiLatentAttention, RMSNorm, dense SwiGLU | MoE)] x L
+          -> RMSNorm -> head                       (+ DSv3MTPLayer x D sharing embed and head)
+
+MoE = Megatron's ``MoELayer`` (token dispatcher, experts, shared experts) with our ``DSv3Router``.
+One spec function serves the local (CPU) and Transformer Engine builds (backend chosen from
+``config.transformer_impl``). Megatron-LM style: ``--spec megatron_dsv3.spec get_dsv3_decoder_block_spec`` (``megatron_dsv3.spec``
+re-exports this module's builders).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    get_mtp_num_layers_to_build,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from ..compat import patches
+from ..compat.patches import quiet_gpt_deprecation
+from ..config import DSv3Config
+from ..registry import SPECS, register
+from .backends import backend_for
+from .mla import MLASubmodules, MultiLatentAttention
+from .moe import DSv3MoELayer
+from .mtp import mtp_layer_spec
+from .router import DSv3Router
+
+
+@register(SPECS, "layer")
+def get_dsv3_layer_spec(config: DSv3Config, moe: bool) -> ModuleSpec:
+    """One decoder layer: MLA attention, then dense SwiGLU (moe=False) or DeepSeekMoE."""
+    b = backend_for(config)
+    attention = ModuleSpec(
+        module=MultiLatentAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASubmodules(
+            linear_q_proj=b.column, linear_q_down_proj=b.duplicated, linear_q_up_proj=b.column,
+            linear_kv_down_proj=b.duplicated, linear_kv_up_proj=b.column, linear_proj=b.row,
+            q_layernorm=b.norm, kv_layernorm=b.norm),
+    )
+    swiglu = MLPSubmodules(linear_fc1=b.column, linear_fc2=b.row)
+    if moe:
+        mlp = partial(DSv3MoELayer, submodules=MoESubmodules(
+            experts=b.experts, shared_experts=partial(SharedExpertMLP, submodules=swiglu),
+            router=DSv3Router))
+    else:
+        mlp = partial(MLP.as_mlp_submodule, submodules=swiglu)
+    return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=b.norm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=b.norm, mlp=mlp, mlp_bda=get_bias_dropout_add))
+
+
+@register(SPECS, "decoder_block")
+def get_dsv3_decoder_block_spec(config: DSv3Config, use_transformer_engine: Optional[bool] = None,
+                                vp_stage: Optional[int] = None, pp_rank: Optional[int] = None,
+                                **_unused) -> TransformerBlockSubmodules:
+    """The decoder layers of this pipeline stage (first_k_dense_replace dense, then MoE)."""
+    dense, moe = get_dsv3_layer_spec(config, moe=False), get_dsv3_layer_spec(config, moe=True)
+    specs = [dense if i < config.first_k_dense_replace else moe for i in range(config.num_layers)]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
+                                      layer_norm=backend_for(config).norm)
+
+
+@register(SPECS, "mtp_block")
+def get_dsv3_mtp_block_spec(config: DSv3Config, vp_stage: Optional[int] = None,
+                            pp_rank: Optional[int] = None) -> Optional[MultiTokenPredictionBlockSubmodules]:
+    """The D MTP modules (each with a full MoE decoder layer), on the stage that holds them."""
+    if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage, pp_rank) == 0:
+        return None
+    b = backend_for(config)
+    layer = mtp_layer_spec(get_dsv3_layer_spec(config, moe=True), norm=b.norm, linear=b.duplicated)
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
+
+
+def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: bool = True,
+                vp_stage: Optional[int] = None, pg_collection=None) -> GPTModel:
+    """A DeepSeek-V3 GPTModel (this rank's pipeline stage) on the current parallel state."""
+    patches.apply([quiet_gpt_deprecation.PATCH])
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_dsv3_decoder_block_spec(config, vp_stage=vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",      # MLA applies its own decoupled RoPE
+        mtp_block_spec=get_dsv3_mtp_block_spec(config, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )

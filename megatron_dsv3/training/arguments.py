@@ -1,0 +1,272 @@
+"""The launcher's arguments: Megatron-LM's own parser plus megatron-dsv3's flags, and the DSv3 model
+they describe.
+
+The model is a preset (``--dsv3-preset``) or a HF ``config.json`` (``--dsv3-hf-config``); Megatron's
+model flags given explicitly override it. Which flag sets which DSv3 field, and which Megatron-LM
+arguments the resolved model writes back (so Megatron's FLOP count, logging, pipeline layout and
+checkpoint checks see the same model) is the one table in :mod:`megatron_dsv3.config.mapping`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional
+
+from ..config import PRESETS, DSv3Config, DSv3ConfigError
+from ..config.hf_config import hf_to_config_kwargs, read_hf_config
+from ..config.mapping import (
+    DERIVED_MEGATRON_FIELDS,
+    ROWS,
+    YARN_KEYS,
+    flag_name,
+    has_moe,
+    megatron_arg_values,
+)
+from ..config.schedules import Schedule, ScheduleError
+
+
+class LaunchError(SystemExit):
+    """A launch that cannot work; raised before any process group is built."""
+
+    def __init__(self, message: str):
+        super().__init__(f"dsv3-pretrain: error: {message}")
+
+
+def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..compat.cpu_backend import cpu_arg_settings
+
+    g = parser.add_argument_group("megatron-dsv3")
+    g.add_argument("--dsv3-preset", default=None,
+                   help=f"DSv3 model preset: one of {sorted(PRESETS)}. Megatron model flags given "
+                        "explicitly override it.")
+    g.add_argument("--dsv3-hf-config", default=None,
+                   help="HF DeepSeek-V3 config.json (file or directory) as the model instead of a preset")
+    g.add_argument("--n-shared-experts", type=int, default=None, help="shared experts (671B: 1)")
+    g.add_argument("--first-k-dense-replace", type=int, default=None,
+                   help="the first k layers are dense (671B: 3)")
+    g.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
+                   help="renormalise the chosen routing weights (671B: true)")
+    g.add_argument("--moe-router-bias-update-schedule", default=None,
+                   help="gamma over consumed tokens, e.g. 0:0.001,14.3T:0 (instead of "
+                        "--moe-router-bias-update-rate)")
+    g.add_argument("--mtp-loss-scaling-schedule", default=None,
+                   help="MTP lambda over consumed tokens, e.g. 0:0.3,10T:0.1 (instead of "
+                        "--mtp-loss-scaling-factor)")
+    g.add_argument("--pipeline-schedule", default="1f1b",
+                   help="forward-backward schedule from megatron_dsv3.registry.SCHEDULES")
+    g.add_argument("--ranks-per-node", type=int, default=None,
+                   help="GPUs per node, for the cross-node routing metric (default: LOCAL_WORLD_SIZE "
+                        "from torchrun; without it the metric is not logged)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOP/s of one device, for MFU on devices not in "
+                        "megatron_dsv3.training.flops.PEAK_TFLOPS")
+    g.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="load the --load checkpoint, write it as a HF DeepSeek-V3 checkpoint to DIR "
+                        "(config.json + model.safetensors) and exit without training (no pipeline "
+                        "parallelism)")
+    g.add_argument("--export-hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the exported weights (the expert bias stays fp32)")
+    g.add_argument("--metrics-jsonl", default=None,
+                   help="also append every iteration's DSv3 scalars (full precision) to this JSON-lines "
+                        "file (written by the last rank)")
+    g.add_argument("--cpu", action="store_true",
+                   help="train on CPU with gloo through megatron_dsv3.cpu_backend (sets "
+                        + ", ".join(f"{k}={v}" for k, v in cpu_arg_settings().items()) + ")")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing: Megatron's parser + ours, remembering which flags were given
+# ----------------------------------------------------------------------------------------------
+class _Unset:
+    def __repr__(self):
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron's ``extra_args_provider``: our flags, and our registered dispatcher names."""
+    from .. import registry
+
+    for action in parser._actions:   # dispatchers registered by megatron-dsv3 are valid names too
+        if action.dest == "moe_token_dispatcher_type":
+            action.choices = sorted(set(action.choices) | set(registry.names(registry.DISPATCHERS)))
+    return add_dsv3_args(parser)
+
+
+def megatron_arguments():
+    """``megatron.training.arguments`` (importable on Python 3.11 after the typing_override patch)."""
+    from ..compat.patches import apply, typing_override
+
+    apply([typing_override.PATCH])
+    from megatron.training import arguments
+
+    return arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="megatron-dsv3 pretraining (Megatron-LM flags + DSv3)",
+                                     allow_abbrev=False)
+    megatron_arguments().add_megatron_arguments(parser)
+    return extra_args(parser)
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """(args as Megatron's parse_args makes them, dests given on the command line)."""
+    parser = build_parser()
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=probe)
+    given = {k for k, v in vars(probe).items() if v is not _UNSET}
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "dsv3-pretrain", *argv]
+    try:
+        args = megatron_arguments().parse_args(extra_args)
+    finally:
+        sys.argv = saved
+    return args, given
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags -> DSv3 fields
+# ----------------------------------------------------------------------------------------------
+def _base_fields(args) -> dict:
+    if (args.dsv3_preset is None) == (args.dsv3_hf_config is None):
+        raise LaunchError("give exactly one of --dsv3-preset (one of "
+                          f"{sorted(PRESETS)}) or --dsv3-hf-config PATH")
+    if args.dsv3_preset is not None:
+        if args.dsv3_preset not in PRESETS:
+            raise LaunchError(f"--dsv3-preset {args.dsv3_preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[args.dsv3_preset])
+    try:
+        fields = hf_to_config_kwargs(read_hf_config(args.dsv3_hf_config))
+    except (OSError, DSv3ConfigError, KeyError) as e:
+        raise LaunchError(f"--dsv3-hf-config {args.dsv3_hf_config}: {e}") from None
+    for coefficient in ("mtp_lambda", "bias_update_rate", "seq_aux_alpha"):
+        fields.setdefault(coefficient, None)
+    return fields
+
+
+def _rope_from_flags(args, given, rope: Optional[dict]) -> Optional[dict]:
+    """rope_scaling after --rope-type and the six YaRN flags (a context-extension run adds YaRN to a
+    model trained with plain RoPE by giving --rope-type yarn and all six values)."""
+    if "rope_type" in given:
+        if args.rope_type == "rope":
+            rope = None
+        elif args.rope_type == "yarn" and rope is None:
+            missing = [flag_name(f) for f in YARN_KEYS.values() if f not in given]
+            if missing:
+                raise LaunchError("--rope-type yarn on a model with plain RoPE needs every YaRN value; also "
+                                  "give " + ", ".join(missing))
+            rope = {"type": "yarn"}
+        elif args.rope_type not in ("rope", "yarn"):
+            raise LaunchError(f"--rope-type {args.rope_type!r}: DeepSeek-V3 uses 'rope' or 'yarn'")
+    yarn_given = [flag for flag in YARN_KEYS.values() if flag in given]
+    if yarn_given:
+        if rope is None:
+            raise LaunchError("YaRN flags (" + ", ".join(flag_name(f) for f in yarn_given)
+                              + ") given but the model uses plain RoPE; add --rope-type yarn with all "
+                              "six YaRN values or drop them")
+        rope = dict(rope)
+        for key, flag in YARN_KEYS.items():
+            if flag in given:
+                rope[key] = getattr(args, flag)
+    return rope
+
+
+def _single(value, dest):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise LaunchError(f"{flag_name(dest)} takes one value for DSv3 (the sequence-wise alpha), got {value}")
+        return value[0]
+    return value
+
+
+def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
+    """The DSv3Config fields of this launch (without vocab_size, which comes from the tokenizer).
+
+    Also parses the coefficient schedules once (``args.dsv3_schedules``: {field: Schedule})."""
+    fields = _base_fields(args)
+    for row in ROWS:
+        if row.field is None or row.flag is None or row.flag not in given or row.field.startswith("rope_scaling."):
+            continue
+        value = getattr(args, row.flag)
+        fields[row.field] = _single(value, row.flag) if row.flag == "moe_aux_loss_coeff" else value
+    if "moe_shared_expert_intermediate_size" in given:
+        size, inter = args.moe_shared_expert_intermediate_size, fields.get("moe_intermediate_size")
+        if not inter or size % inter:
+            raise LaunchError(f"--moe-shared-expert-intermediate-size {size} must be a multiple of the "
+                              f"expert width {inter}; or give --n-shared-experts")
+        fields["n_shared_experts"] = size // inter
+    if "moe_layer_freq" in given:
+        freq = args.moe_layer_freq
+        L = fields["num_layers"]
+        k = freq.index(1) if isinstance(freq, list) and 1 in freq else None
+        if not isinstance(freq, list) or len(freq) != L or freq != [0] * k + [1] * (L - k):
+            raise LaunchError("--moe-layer-freq: DSv3 has dense layers first, then MoE "
+                              "([0]*k+[1]*(L-k)); give --first-k-dense-replace k instead")
+        if "first_k_dense_replace" in given and args.first_k_dense_replace != k:
+            raise LaunchError(f"--moe-layer-freq says {k} dense layers but --first-k-dense-replace says "
+                              f"{args.first_k_dense_replace}; give only one of them")
+        fields["first_k_dense_replace"] = k
+    fields["rope_scaling"] = _rope_from_flags(args, given, fields.get("rope_scaling"))
+    if fields.get("mtp_num_layers") == 0:
+        fields["mtp_num_layers"] = None
+    args.dsv3_schedules = {}
+    for schedule, rate, field in (("moe_router_bias_update_schedule", "moe_router_bias_update_rate",
+                                   "bias_update_rate"),
+                                  ("mtp_loss_scaling_schedule", "mtp_loss_scaling_factor", "mtp_lambda")):
+        if getattr(args, schedule):
+            if rate in given:
+                raise LaunchError(f"give {flag_name(rate)} or {flag_name(schedule)}, not both")
+            try:
+                parsed = Schedule.parse(getattr(args, schedule), flag_name(schedule))
+            except ScheduleError as e:
+                raise LaunchError(str(e)) from None
+            args.dsv3_schedules[field] = parsed
+            fields[field] = parsed.at(0)
+    _require_coefficients(fields)
+    return fields
+
+
+def _require_coefficients(fields: dict) -> None:
+    """A HF config carries no training coefficients: each one the model uses must be a flag."""
+    moe = has_moe(fields)
+    needed = []
+    if moe and fields.get("seq_aux_alpha") is None:
+        needed.append("--moe-aux-loss-coeff ALPHA (sequence-wise balance; paper 0.0001, 0 disables)")
+    if moe and fields.get("scoring_func") == "sigmoid" and fields.get("bias_update_rate") is None:
+        needed.append("--moe-router-bias-update-rate GAMMA (paper 0.001) or "
+                      "--moe-router-bias-update-schedule")
+    if fields.get("mtp_num_layers") and fields.get("mtp_lambda") is None:
+        needed.append("--mtp-loss-scaling-factor LAMBDA (paper 0.3) or --mtp-loss-scaling-schedule")
+    if needed:
+        raise LaunchError("the model's config has no training coefficients; give " + "; ".join(needed))
+
+
+# ----------------------------------------------------------------------------------------------
+# DSv3 fields -> Megatron args; Megatron args -> DSv3Config
+# ----------------------------------------------------------------------------------------------
+def apply_to_megatron_args(args: argparse.Namespace, fields: dict) -> argparse.Namespace:
+    """Write the resolved model into Megatron's args (the same model for every Megatron reader)."""
+    for dest, value in megatron_arg_values(fields).items():
+        setattr(args, dest, value)
+    return args
+
+
+def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = None) -> DSv3Config:
+    """The DSv3Config of this run: the DSv3 fields plus Megatron's translation of every other flag
+    (parallel sizes, dtypes, fusions, recomputation, init ...)."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    fields = dict(fields if fields is not None else args.dsv3_fields)
+    megatron = core_transformer_config_from_args(args)
+    own = {f.name for f in dataclasses.fields(DSv3Config)} - {f.name for f in dataclasses.fields(type(megatron))}
+    kwargs = {f.name: getattr(megatron, f.name) for f in dataclasses.fields(type(megatron))
+              if f.init and f.name not in DERIVED_MEGATRON_FIELDS and f.name not in own}
+    kwargs.update(fields)
+    kwargs["vocab_size"] = args.padded_vocab_size
+    kwargs["ranks_per_node"] = args.ranks_per_node
+    return DSv3Config(**kwargs)
