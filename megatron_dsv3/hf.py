@@ -29,6 +29,7 @@ from .checkpoint.hf_keys import (  # noqa: F401  (public names)
 from .checkpoint.hf_reader import HFCheckpoint, dequantize_fp8, load_into  # noqa: F401
 from .checkpoint.hf_writer import save, to_hf_state_dict  # noqa: F401
 from .config import DSv3Config, cpu_overrides
+from .config.hf_config import hf_to_config_kwargs, read_hf_config
 from .parallel.world import ensure_world
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,14 @@ def config_for(hf_dir: str, dtype=torch.float32, **overrides) -> DSv3Config:
     )
     if cpu_backend.is_enabled():
         kw.update({k: v for k, v in cpu_overrides().items() if k not in ("params_dtype", "bf16")})
-    # HF configs carry no training coefficients: for a loaded checkpoint use the paper's, said aloud.
+    # config.json carries no gamma / lambda (V2 / V3 releases carry alpha as aux_loss_alpha): for a loaded
+    # checkpoint use the paper's for what is missing, said aloud.
+    carried = hf_to_config_kwargs(read_hf_config(hf_dir))
     training = dict(seq_aux_alpha=0.0001, bias_update_rate=0.001, mtp_lambda=0.3)
-    defaulted = {k: v for k, v in training.items() if k not in overrides}
+    defaulted = {k: v for k, v in training.items() if k not in overrides and k not in carried}
     if defaulted:
-        log.info("HF config.json has no training coefficients; using the DeepSeek-V3 paper's %s "
-                 "(pass them to hf.load to change)", defaulted)
+        log.info("HF config.json has no %s; using the DeepSeek-V3 paper's %s (pass them to hf.load to "
+                 "change)", sorted(defaulted), defaulted)
     kw.update(defaulted)
     kw.update(overrides)
     return DSv3Config.from_hf_config(hf_dir, **kw)

@@ -23,7 +23,10 @@ SPECS: dict[str, Callable] = {}
 
 #: ``--moe-token-dispatcher-type`` values. None: Megatron-Core's own dispatcher of that name, chosen
 #: inside its MoELayer. A class: built by our MoE layer (``model.moe.DSv3MoELayer``) with Megatron's
-#: dispatcher constructor ``(num_local_experts, local_expert_indices, config=, pg_collection=)``.
+#: dispatcher constructor ``(num_local_experts, local_expert_indices, config=, pg_collection=)``
+#: (plus ``topology=`` when the class sets ``needs_topology``). A class declares the Megatron
+#: dispatcher whose behaviour it provides as ``megatron_dispatcher`` (default "alltoall"): Megatron's
+#: config checks and code paths that test ``moe_token_dispatcher_type`` see that name.
 DISPATCHERS: dict[str, type | None] = {"alltoall": None, "allgather": None, "flex": None}
 
 #: ``--pipeline-schedule`` values. None: Megatron-Core's own ``get_forward_backward_func`` (no
@@ -32,7 +35,8 @@ DISPATCHERS: dict[str, type | None] = {"alltoall": None, "allgather": None, "fle
 SCHEDULES: dict[str, Callable | None] = {"1f1b": None}
 
 #: Modules whose import registers the built-in entries.
-_BUILTINS = ("megatron_dsv3.model.spec",)
+_BUILTINS = ("megatron_dsv3.model.spec", "megatron_dsv3.parallel.dispatcher",
+             "megatron_dsv3.parallel.schedules.dualpipe")
 
 
 def register(table: dict, name: str):
@@ -66,6 +70,18 @@ def resolve(table: dict, name: str, what: str):
 def dispatcher_class(name: str):
     """The registered dispatcher class, or None for Megatron-Core's own dispatcher ``name``."""
     return resolve(DISPATCHERS, name, "--moe-token-dispatcher-type")
+
+
+def megatron_dispatcher(name: str) -> str:
+    """The Megatron-Core dispatcher name Megatron's own code should see for dispatcher ``name``."""
+    cls = dispatcher_class(name)
+    return name if cls is None else getattr(cls, "megatron_dispatcher", "alltoall")
+
+
+def registered_dispatcher(name: str):
+    """The class registered as ``name`` (None for Megatron-Core's own or unknown names)."""
+    _load_builtins()
+    return DISPATCHERS.get(name)
 
 
 def install_schedule(name: str) -> None:

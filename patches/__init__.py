@@ -25,6 +25,12 @@ Training patches (applied by the launcher, ``megatron_dsv3.training``; any devic
                         with ``--pipeline-schedule`` (only for a schedule registered by megatron-dsv3).
 - ``quiet_gpt_deprecation`` keeps Megatron-Core 0.19.2's "GPTModel IS DEPRECATED" warning (logged on
                         every model build) away from users of our launcher and API.
+- ``checkpoint_safety`` hook points around checkpoint save / load: the non-finite check before a
+                        save, the manifest once the shards are complete (before the tracker file points
+                        at them), a full disk named, the manifest and non-finite checks at load.
+- ``nonfinite_step_guard`` a hook between a step's forward-backward and its optimizer step (the NaN/Inf
+                        guard stops the step there on every rank).
+- ``checkpoint_writer_lifetime`` the checkpoint writer's multiprocessing Manager dies with its rank.
 
 The CPU-only patches live in ``megatron_dsv3/compat/cpu_backend.py`` (same :class:`Patch` type).
 """
@@ -202,10 +208,20 @@ def revert(patches: list[Patch]) -> None:
 
 def training_patches() -> list[Patch]:
     """The launcher's patches, in the order they must be applied."""
-    from . import dataset_helpers, quiet_gpt_deprecation, reparse_args, training_log_hook, typing_override
+    from . import (
+        checkpoint_safety,
+        checkpoint_writer_lifetime,
+        dataset_helpers,
+        nonfinite_step_guard,
+        quiet_gpt_deprecation,
+        reparse_args,
+        training_log_hook,
+        typing_override,
+    )
 
     return [typing_override.PATCH, dataset_helpers.PATCH, training_log_hook.PATCH, reparse_args.PATCH,
-            quiet_gpt_deprecation.PATCH]
+            quiet_gpt_deprecation.PATCH, checkpoint_safety.PATCH, nonfinite_step_guard.PATCH,
+            checkpoint_writer_lifetime.PATCH]
 
 
 def all_patches() -> list[Patch]:

@@ -67,6 +67,35 @@ def parity(rank: int, ckpt: str, ref_path: str, out_path: str):
         err["sequence_parallel"] = bool(model.config.sequence_parallel)
         report[name] = err
         del model
+    report["balance_loss_sp"] = balance_loss_under_sequence_parallelism()
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def balance_loss_under_sequence_parallelism() -> dict:
+    """The sequence-wise balance loss with the sequence split over a TP group of 2 (sequence
+    parallel): each rank sees its slice of every sequence; summed over the TP ranks the losses (and
+    the gradients of the scores) equal the full-sequence computation on one rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv3.model.router import sequence_balance_loss
+    from megatron_dsv3.parallel.world import init_model_parallel
+
+    init_model_parallel(tp=2)
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    s, b, E, K, alpha = 8, 3, 8, 2, 1e-2
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(s * b, E, generator=g, dtype=torch.float64)             # [s, b] token order
+    routing = torch.zeros(s * b, E, dtype=torch.bool).scatter(1, scores.topk(K, dim=1).indices, True)
+    full_scores = scores.clone().requires_grad_(True)
+    full = sequence_balance_loss(full_scores, routing, s, b, K, alpha)
+    full.backward()
+    rows = slice(r * (s // tp) * b, (r + 1) * (s // tp) * b)                 # this rank's s/TP positions
+    mine = scores[rows].clone().requires_grad_(True)
+    part = sequence_balance_loss(mine, routing[rows], s, b, K, alpha, ps.get_tensor_model_parallel_group())
+    part.backward()
+    total = part.detach().clone()
+    dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+    return {"loss_rel": abs(total.item() - full.item()) / abs(full.item()),
+            "grad_abs": (mine.grad - full_scores.grad[rows]).abs().max().item()}

@@ -6,21 +6,28 @@ import math
 import pytest
 
 from megatron_dsv3.config import PRESETS, DSv3Config, DSv3ConfigError, cpu_overrides
+from megatron_dsv3.config.presets import DSV3_CONTEXT_EXTENSION_YARN
 from megatron_dsv3.model.mla import mla_softmax_scale
 from hf_reference import hf_config_dict
 
 
-def test_deepseek_v3_preset_is_the_671b_model():
+def test_deepseek_v3_preset_is_the_671b_model_as_pretrained():
+    """The 671B shapes, plain RoPE at 4K (report sec. 4.2); YaRN comes with the extension phases."""
     c = DSv3Config.from_preset("deepseek-v3")
-    assert (c.q_lora_rank, c.kv_lora_rank, c.mscale_all_dim) == (1536, 512, 1.0)   # not Megatron's 512 / 0.0
+    assert (c.q_lora_rank, c.kv_lora_rank) == (1536, 512)                 # not Megatron's 512
+    assert c.rope_scaling is None and c.rope_type == "rope" and c.max_position_embeddings == 4096
+    assert mla_softmax_scale(c) == 192 ** -0.5
     assert (c.num_moe_experts, c.moe_router_topk, c.moe_router_num_groups, c.moe_router_group_topk) == (256, 8, 8, 4)
     assert c.moe_router_topk_scaling_factor == 2.5 and c.layernorm_epsilon == 1e-6
     assert c.moe_layer_freq == [0, 0, 0] + [1] * 58
     assert c.moe_shared_expert_intermediate_size == 2048 and c.moe_ffn_hidden_size == 2048
     assert c.mtp_num_layers == 1 and c.mtp_loss_scaling_factor == 0.3
     assert c.moe_aux_loss_coeff == 0.0001 and c.moe_router_bias_update_rate == 0.001
+    ext = DSv3Config.from_preset("deepseek-v3", rope_scaling=DSV3_CONTEXT_EXTENSION_YARN,
+                                 max_position_embeddings=163840)
+    assert (ext.rope_type, ext.rotary_scaling_factor, ext.mscale_all_dim) == ("yarn", 40.0, 1.0)  # not Megatron's 0.0
     m = 0.1 * 1.0 * math.log(40) + 1
-    assert mla_softmax_scale(c) == pytest.approx(192 ** -0.5 * m * m) == pytest.approx(0.1352338, abs=1e-7)
+    assert mla_softmax_scale(ext) == pytest.approx(192 ** -0.5 * m * m) == pytest.approx(0.1352338, abs=1e-7)
 
 
 def test_v2_lite_and_tiny_presets():

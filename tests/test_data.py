@@ -287,3 +287,62 @@ def test_quickstart_data(tmp_path):
     with open(tmp_path / "tokenizer" / "tokenizer_config.json") as f:
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x too
     assert _megatron_tokenizer(r["tokenizer"], tp=1)[1] == 768 and _megatron_tokenizer(r["tokenizer"], tp=2)[1] == 768
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 8: inputs that used to end in a raw traceback name the file (and the row)
+# ------------------------------------------------------------------------------------------------
+def test_empty_input_files_are_named(tmp_path, corpus, tok_dir):
+    (tmp_path / "empty.jsonl").write_bytes(b"")                 # was "StopIteration"
+    (tmp_path / "blank.jsonl").write_bytes(b"\n \n\n")
+    for name, why in (("empty.jsonl", "is empty (0 bytes)"), ("blank.jsonl", "holds only blank lines")):
+        with pytest.raises(pp.PreprocessError) as e:
+            _run(tmp_path, [corpus, str(tmp_path / name)], tok_dir)
+        assert str(tmp_path / name) in str(e.value) and why in str(e.value)
+    assert _outputs(tmp_path) == []
+
+
+def test_text_that_is_not_utf8_names_the_row(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "latin1.jsonl"                              # was a raw UnicodeDecodeError traceback
+    src.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(pp.PreprocessError) as e:
+        _run(tmp_path, [str(src)], tok_dir)
+    assert f"document 2 (row 2 of {str(src)!r})" in str(e.value) and "not valid UTF-8" in str(e.value)
+    assert "0xe9" in str(e.value)
+    bad = pa.array([b"good", b"ba\xffd"], pa.binary()).view(pa.string())   # pyarrow keeps such bytes
+    pq.write_table(pa.table({"text": bad}), str(tmp_path / "bad.parquet"))
+    with pytest.raises(pp.PreprocessError, match=r"row 1 of .*bad\.parquet.*not valid UTF-8"):
+        _run(tmp_path, [str(tmp_path / "bad.parquet")], tok_dir)
+    assert _outputs(tmp_path) == []
+
+
+def test_unwritable_output_prefix_fails_before_work(tmp_path, corpus, tok_dir, capsys):
+    (tmp_path / "a_file").write_text("x")
+    prefix = str(tmp_path / "a_file" / "sub" / "out")            # was FileExistsError from os.makedirs
+    with pytest.raises(pp.PreprocessError) as e:
+        pp.preprocess(inputs=[corpus], tokenizer_dir=tok_dir, output_prefix=prefix, progress=False,
+                      log=lambda *a: None)
+    assert "--output-prefix" in str(e.value) and "is a file, not a directory" in str(e.value)
+    assert pp.main(["--input", corpus, "--tokenizer", tok_dir, "--output-prefix", prefix, "--no-progress"]) == 2
+    assert "--output-prefix" in capsys.readouterr().err
+    (tmp_path / "dir_text_document.bin").mkdir()
+    with pytest.raises(pp.PreprocessError, match="is a directory"):
+        _run(tmp_path, [corpus], tok_dir, name="dir")
+
+
+def test_io_error_while_writing_names_the_output(tmp_path, corpus, tok_dir, monkeypatch):
+    import errno
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", self.data_file.name)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", full_disk)
+    with pytest.raises(pp.PreprocessError) as e:
+        _run(tmp_path, [corpus], tok_dir)
+    assert "No space left on device" in str(e.value) and "out_text_document" in str(e.value)
+    assert _outputs(tmp_path) == []

@@ -194,7 +194,7 @@ def _hf_weight_shapes(c, moe: bool, routed_used: int):
 def _matmul_params(c, routed_used: int) -> int:
     n = 0
     for layer in range(c.num_layers):
-        shapes = _hf_weight_shapes(c, layer >= c.first_k_dense_replace, routed_used)
+        shapes = _hf_weight_shapes(c, c.is_moe_layer(layer), routed_used)
         n += sum(r * k for r, k in shapes.values())
     return n + c.vocab_size * c.hidden_size            # lm_head (the embedding is a lookup)
 
@@ -280,3 +280,20 @@ def test_mfu_arithmetic():
     flops = 8 * 989.4e12 * 2.0 * 0.4          # 8 GPUs at 40% of H800 BF16 peak for 2 s
     assert tflops_per_device(flops, 2.0, 8) == pytest.approx(0.4 * 989.4)
     assert mfu(flops, 2.0, 8, peak_tflops("NVIDIA H800", "bf16")) == pytest.approx(0.4)
+
+
+def test_causal_attention_count_matches_a_measured_causal_attention():
+    """An independent count: a causal attention written as one matmul pair per query row (row i
+    attends to keys 0..i), measured by FlopCounterMode, equals model_flops' causal attention."""
+    cfg = DSv3Config.from_preset("tiny", **cpu_overrides())
+    s, H = 19, cfg.num_attention_heads
+    dq, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    q, k, v = torch.randn(H, s, dq), torch.randn(H, s, dq), torch.randn(H, s, dv)
+    fc = FlopCounterMode(display=False)
+    with fc:
+        for i in range(s):
+            p = torch.softmax(q[:, i:i + 1] @ k[:, : i + 1].transpose(1, 2), dim=-1)   # [H, 1, i+1]
+            p @ v[:, : i + 1]
+    want = model_flops(cfg, s, causal=True)
+    per_layer = (want["attn_scores"] + want["attn_values"]) // cfg.num_layers
+    assert fc.get_total_flops() == per_layer

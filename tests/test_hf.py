@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -156,3 +157,89 @@ def test_config_that_does_not_match_weights(checkpoints, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(hf.HFCheckpointError, match="kv_a_proj_with_mqa|kv_b_proj|kv_a_layernorm"):
         hf.load(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 8: each HF tensor checked on its own before sharding; damaged files named; NaN warned about
+# ------------------------------------------------------------------------------------------------
+def _set(name, fn):
+    def edit(s):
+        if name in s:
+            s[name] = fn(s[name]).contiguous()
+            return True
+        return False
+    return edit
+
+
+def _edits(*edits):
+    return lambda s: any([e(s) for e in edits])
+
+
+def test_gate_and_up_proj_are_checked_one_by_one(checkpoints, tmp_path):
+    """A wrong up_proj was reported as gate_proj with the concatenated shape; 31 + 33 rows loaded."""
+    from megatron_dsv3 import hf
+
+    src = checkpoints["no_q_lora"][0]
+    up = "model.layers.0.mlp.up_proj.weight"                      # dense layer: intermediate 96
+    path = _broken_copy(src, tmp_path / "up", _set(up, lambda t: t[:-1]))
+    with pytest.raises(hf.HFCheckpointError) as e:
+        hf.load(str(path))
+    assert str(e.value).startswith(f"{up}: shape (95, 64), but config.json makes it (96, 64)")
+    gate, up = (f"model.layers.1.mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up"))  # 32 rows each
+    path = _broken_copy(src, tmp_path / "31_33", _edits(_set(gate, lambda t: t[:-1]),
+                                                        _set(up, lambda t: torch.cat([t, t[:1]]))))
+    with pytest.raises(hf.HFCheckpointError, match=rf"^{re.escape(gate)}: shape \(31, 64\).*\(32, 64\)"):
+        hf.load(str(path))
+
+
+def test_transposed_tensor_is_named(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"           # (64, 32) stored as (32, 64)
+    path = _broken_copy(checkpoints["no_q_lora"][0], tmp_path / "t", _set(name, lambda t: t.t()))
+    with pytest.raises(hf.HFCheckpointError, match=rf"^{re.escape(name)}: shape \(32, 64\).*stored transposed"):
+        hf.load(str(path))
+
+
+def test_damaged_files_are_named(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+
+    single = shutil.copytree(checkpoints["no_q_lora"][0], tmp_path / "trunc")
+    f = single / "model.safetensors"
+    with open(f, "r+b") as fh:                                      # was a bare SafetensorError
+        fh.truncate(os.path.getsize(f) - 1000)
+    with pytest.raises(hf.HFCheckpointError, match=rf"{re.escape(str(f))}: not a readable safetensors file"):
+        hf.load(str(single))
+
+    sharded = shutil.copytree(checkpoints["base"][0], tmp_path / "index")
+    index = sharded / "model.safetensors.index.json"
+    with open(index) as fh:
+        data = json.load(fh)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    wrong = next(s for s in set(data["weight_map"].values()) if s != data["weight_map"][name])
+    data["weight_map"][name] = wrong                                # was "File does not contain tensor ..."
+    index.write_text(json.dumps(data))
+    with pytest.raises(hf.HFCheckpointError) as e:
+        hf.load(str(sharded))
+    assert str(index) in str(e.value) and wrong in str(e.value) and name in str(e.value)
+    index.write_text('{"weight_map": ')
+    with pytest.raises(hf.HFCheckpointError, match=rf"{re.escape(str(index))} is not a safetensors index"):
+        hf.load(str(sharded))
+
+
+def test_non_finite_weights_load_with_a_warning(checkpoints, tmp_path):
+    from megatron_dsv3 import hf
+    from megatron_dsv3.checkpoint.hf_reader import NonFiniteWeightWarning
+
+    nan, inf = "model.layers.1.self_attn.o_proj.weight", "model.norm.weight"
+    path = _broken_copy(checkpoints["no_q_lora"][0], tmp_path / "n", _edits(
+        _set(nan, lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))),
+        _set(inf, lambda t: t.index_fill(0, torch.tensor([0, 1]), float("inf")))))
+    with pytest.warns(NonFiniteWeightWarning) as record:
+        model = hf.load(str(path))
+    messages = [str(w.message) for w in record if issubclass(w.category, NonFiniteWeightWarning)]
+    assert any(f"{nan!r} holds 64 NaN and 0 Inf" in m for m in messages), messages
+    assert any(f"{inf!r} holds 0 NaN and 2 Inf" in m for m in messages), messages
+    params = dict(model.named_parameters())
+    assert torch.isnan(params["decoder.layers.1.self_attention.linear_proj.weight"][3]).all()   # loaded as is
+    assert torch.isinf(params["decoder.final_layernorm.weight"][:2]).all()

@@ -62,17 +62,25 @@ def test_bad_launch_names_the_flag(extra, flag):
 
 
 def test_hf_config_needs_the_training_coefficients(tmp_path):
-    """A HF config.json has no alpha / gamma / lambda: each is asked for by flag, never 0."""
+    """A HF config.json has no gamma / lambda (and alpha only as aux_loss_alpha): each missing one is
+    asked for by flag, never 0."""
     import json
 
     from megatron_dsv3.config import DSv3Config
 
     cfg = DSv3Config.from_preset("tiny").hf_dict()
+    assert cfg["aux_loss_alpha"] == 1e-4 and cfg["seq_aux"] is True
+    del cfg["aux_loss_alpha"], cfg["seq_aux"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     base = [a for a in TINY if a not in ("--dsv3-preset", "tiny")] + ["--dsv3-hf-config", str(tmp_path)]
     msg = _fails(base=base)
     for flag in ("--moe-aux-loss-coeff", "--moe-router-bias-update-rate", "--mtp-loss-scaling-factor"):
         assert flag in msg
+    with_alpha = tmp_path / "with_alpha"
+    with_alpha.mkdir()
+    (with_alpha / "config.json").write_text(json.dumps({**cfg, "aux_loss_alpha": 1e-4, "seq_aux": True}))
+    msg = _fails(base=[a for a in base if a != str(tmp_path)] + [str(with_alpha)])
+    assert "--moe-aux-loss-coeff" not in msg and "--moe-router-bias-update-rate" in msg
     args = _prepare("--moe-aux-loss-coeff", "0", "--moe-router-bias-update-schedule", "0:0.002,1B:0",
                     "--mtp-loss-scaling-factor", "0.1", base=base)
     assert (args.dsv3_fields["seq_aux_alpha"], args.dsv3_fields["bias_update_rate"],
@@ -160,3 +168,191 @@ def test_launcher_exits_with_the_message_before_torch_distributed():
     assert out.returncode != 0
     assert "dsv3-pretrain: error: --num-experts 8 is not divisible by --expert-model-parallel-size 3" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 8: bad inputs that used to crash without a message are refused at launch, naming the flag
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, flag", [
+    (["--seq-length", "0"], "--seq-length 0"),                  # SIGFPE in the model before
+    (["--micro-batch-size", "0"], "--micro-batch-size 0"),
+    (["--lr", "-1"], "--lr -1"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--lr", "inf"], "--lr inf"),
+    (["--num-layers", "0"], "--num-layers 0"),
+    (["--train-iters", "0"], "--train-iters 0"),
+    (["--global-batch-size", "0"], "--global-batch-size 0"),
+    (["--global-batch-size", "5"], "--global-batch-size 5"),    # Megatron: its eval batch assertion
+    (["--eval-micro-batch-size", "3"], "--eval-micro-batch-size 3"),
+    (["--eval-interval", "0"], "--eval-interval 0"),
+    (["--log-interval", "0"], "--log-interval 0"),
+    (["--eval-iters", "-1"], "--eval-iters -1"),
+    (["--min-lr", "0.1"], "--min-lr 0.1"),
+    (["--lr-warmup-iters", "2"], "--lr-warmup-iters 2"),
+    (["--clip-grad", "-1"], "--clip-grad -1"),
+    (["--adam-beta1", "1"], "--adam-beta1 1"),
+    (["--hidden-dropout", "1.5"], "--hidden-dropout 1.5"),
+    (["--vocab-size", "0"], "--vocab-size 0"),
+    (["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
+    (["--split", "a,b"], None),   # (mock data: --split unused, so no error)
+])
+def test_bad_numbers_name_the_flag(extra, flag):
+    if flag is None:
+        _prepare(*extra)
+        return
+    msg = _fails(*extra)
+    assert flag in msg, msg
+    assert "Traceback" not in msg
+
+
+def test_eval_interval_is_needed_for_training():
+    base = [a for a in TINY if a not in ("--eval-interval", "1000")]
+    assert "--eval-interval" in _fails(base=base)       # Megatron: train_iters // None in its sample count
+
+
+def test_world_size_and_data_parallel_batch(monkeypatch):
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert "WORLD_SIZE" in _fails(*layout)
+    monkeypatch.setenv("WORLD_SIZE", "4")      # TP 2 -> data-parallel size 2
+    msg = _fails(*layout, "--global-batch-size", "6")
+    assert "--global-batch-size 6" in msg and "data-parallel size 2" in msg
+    assert "--seq-length 33" in _fails(*layout, "--seq-length", "33")
+    assert _prepare(*layout).global_batch_size == 4
+
+
+def test_usage_error_is_short_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        _prepare("--seq-lenght", "32")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --seq-lenght" in err and "did you mean --seq-length" in err
+    assert "--help" in err and len(err.splitlines()) <= 3, err
+    with pytest.raises(SystemExit) as info:
+        _prepare("--seq-length", "abc")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--seq-length: invalid int value: 'abc'" in err and len(err.splitlines()) <= 3
+
+
+def test_tokenizer_model_must_exist(tmp_path):
+    hf = ["--tokenizer-type", "HuggingFaceTokenizer"]
+    for missing in (str(tmp_path / "no_tokenizer"), "./tok", str(tmp_path)[1:] + "/x/y"):
+        msg = _fails(*hf, "--tokenizer-model", missing)
+        assert f"--tokenizer-model {missing}: no such directory" in msg
+    assert "--tokenizer-model" in _fails(*hf)
+    _prepare(*hf, "--tokenizer-model", "deepseek-ai/DeepSeek-V3")    # a hub id is not checked here
+    base = [a for a in TINY if a not in ("--vocab-size", "255")]
+    assert "--vocab-size" in _fails(base=base)                        # NullTokenizer needs it
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: index files, blend weights, what the run will read, token ids
+# ----------------------------------------------------------------------------------------------
+DATA_BASE = [a for a in TINY if a != "--mock-data"]
+
+
+def _dataset(prefix, docs, dtype=np.uint16):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.fixture
+def ten(tmp_path):
+    return _dataset(str(tmp_path / "ten"), [list(range(1 + i, 6 + 2 * i)) for i in range(10)])
+
+
+def _data(*extra, prefix, split="98,1,1"):
+    base = [a if a != "98,1,1" else split for a in DATA_BASE]
+    return ["--data-path", prefix, *extra], base
+
+
+def test_split_without_the_validation_set_the_run_evaluates_on(ten):
+    """--split 100,0,0 --eval-iters 2 crashed in Megatron's evaluation after the last step."""
+    extra, base = _data("--eval-iters", "2", prefix=ten, split="100,0,0")
+    msg = _fails(*extra, base=base)
+    assert "--split 100,0,0" in msg and "validation" in msg and "--eval-iters 2" in msg
+    extra, base = _data("--eval-iters", "0", prefix=ten, split="100,0,0")
+    _prepare(*extra, base=base)
+    extra, base = _data("--eval-iters", "2", prefix=ten, split="50,50,0")
+    _prepare(*extra, base=base)          # no test share: Megatron skips the test evaluation
+    extra, base = _data(prefix=ten, split="0,50,50")
+    assert "train" in _fails(*extra, base=base)
+    for bad in ("a,b", "1,2,3,4", "0,0,0", "1,-1,1"):
+        extra, base = _data(prefix=ten, split=bad)
+        assert f"--split {bad!r}" in _fails(*extra, base=base)
+
+
+def test_per_split_paths_need_what_the_run_reads(ten):
+    base = [a for a in DATA_BASE if a not in ("--split", "98,1,1")]
+    msg = _fails("--train-data-path", ten, "--eval-iters", "2", base=base)
+    assert "--valid-data-path" in msg and "--eval-iters 2" in msg
+    _prepare("--train-data-path", ten, base=base)
+    assert "--split" in _fails("--train-data-path", ten, "--split", "99,1,0", base=base)
+    assert "not both" in _fails("--data-path", ten, "--train-data-path", ten, base=base)
+
+
+def test_blend_weights(ten):
+    for (a, b), why in ((("-0.5", "1.5"), "blend weight -0.5"), (("nan", "1"), "blend weight nan"),
+                        (("0", "0"), "sum to 0")):
+        msg = _fails("--data-path", a, ten, b, ten, base=DATA_BASE)
+        assert why in msg and "--data-path" in msg
+    assert "stands where a blend weight belongs" in _fails("--data-path", "0.5", ten, ten, ten, base=DATA_BASE)
+    _prepare("--data-path", "0.3", ten, "0.7", ten, base=DATA_BASE)
+
+
+def _damaged(src, dst, suffix, edit):
+    import shutil
+
+    for s in (".bin", ".idx"):
+        shutil.copy(src + s, dst + s)
+    with open(dst + suffix, "rb") as f:
+        data = f.read()
+    with open(dst + suffix, "wb") as f:
+        f.write(edit(data))
+    return dst
+
+
+@pytest.mark.parametrize("suffix, edit, why", [
+    (".bin", lambda b: b[:-10], "is truncated"),
+    (".bin", lambda b: b"", "is truncated"),
+    (".bin", lambda b: b + b"\0\0", "do not belong together"),
+    (".idx", lambda b: b[:-8], "is truncated"),
+    (".idx", lambda b: b[:20], "is truncated"),
+    (".idx", lambda b: b"XXXXXXXXX" + b[9:], "not a Megatron index file"),
+    (".idx", lambda b: b[:9] + (2).to_bytes(8, "little") + b[17:], "index version 2"),
+])
+def test_damaged_data_files_are_named(ten, tmp_path, suffix, edit, why):
+    prefix = _damaged(ten, str(tmp_path / "bad"), suffix, edit)
+    msg = _fails("--data-path", prefix, base=DATA_BASE)
+    assert f"{prefix}{suffix}" in msg and why in msg and "--data-path" in msg, msg
+    assert "Traceback" not in msg
+
+
+def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
+    """NullTokenizer --vocab-size 255 pads to 256 embedding rows: id 256 would be an IndexError."""
+    ok = _dataset(str(tmp_path / "ok"), [[1, 2, 3], [255, 4]])
+    _prepare("--data-path", ok, base=DATA_BASE)
+    bad = _dataset(str(tmp_path / "bad"), [[1, 2, 3], [4, 5], [6, 300, 7]])
+    msg = _fails("--data-path", bad, base=DATA_BASE)
+    assert f"{bad}.bin holds token id 300 (token 6, document 2)" in msg and "256" in msg and "--vocab-size 255" in msg
+    wide = _dataset(str(tmp_path / "wide"), [[1, 2], [-1, 3]], dtype=np.int32)
+    assert "token id -1" in _fails("--data-path", wide, base=DATA_BASE)
+
+
+def test_token_id_check_is_sampled(tmp_path, monkeypatch):
+    """Large .bin files are sampled (first and last windows always): bounded work, said in the message."""
+    from megatron_dsv3.training import checks
+
+    monkeypatch.setattr(checks, "TOKEN_SAMPLE_BYTES", 64)       # 32 uint16 tokens in 4 windows of 8
+    monkeypatch.setattr(checks, "TOKEN_SAMPLE_WINDOWS", 4)
+    docs = [[1] * 10 for _ in range(20)]                           # 200 tokens
+    docs[-1][-1] = 999
+    msg = _fails("--data-path", _dataset(str(tmp_path / "last"), docs), base=DATA_BASE)
+    assert "token id 999 (token 199, document 19)" in msg and "4 samples" in msg
+    docs[-1][-1], docs[9][0] = 1, 999                              # token 90: between the windows
+    _prepare("--data-path", _dataset(str(tmp_path / "middle"), docs), base=DATA_BASE)

@@ -39,6 +39,8 @@ def test_tp_ep_layouts_match_world_size_1(reference):
     with open(out_path) as f:
         report = json.load(f)
     print(json.dumps(report, indent=1))
+    sp = report.pop("balance_loss_sp")
+    assert sp["loss_rel"] <= 1e-12 and sp["grad_abs"] <= 1e-15, sp
     assert set(report) == set(LAYOUTS)
     for name, err in report.items():
         assert err["sequence_parallel"] == (LAYOUTS[name]["tp"] > 1)

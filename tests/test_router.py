@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 import torch
 
 from megatron_dsv3.model.router import route, sequence_balance_loss
@@ -108,3 +110,40 @@ def test_balance_loss_logging_survives_models_of_different_depth(cpu_world):
         ids = torch.randint(0, cfg.vocab_size, (2, 8))
         model(ids, torch.arange(8).expand(2, 8), None, labels=ids).sum().backward()
         assert get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values.numel() == layers
+
+
+def test_bias_update_sign_rule_on_a_hand_computed_example(cpu_world):
+    """DSv3's rule through the path training takes (our router's token counts -> Megatron-Core's
+    finalize_model_grads bias update): an overloaded expert's bias goes DOWN by gamma, an underloaded
+    one's UP, one at the mean load stays. Counts [5, 1, 3, 3, 0, 8, 2, 2] (mean 3), gamma 0.01."""
+    import torch
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    from megatron_dsv3.config import DSv3Config, cpu_overrides
+    from megatron_dsv3.model.router import DSv3Router
+
+    cfg = DSv3Config.from_preset("tiny", bias_update_rate=0.01, **cpu_overrides())
+    router = DSv3Router(cfg).train()
+    router.expert_bias.copy_(torch.tensor([0.5, 0.5, 0.5, 0.5, -0.25, 0.0, 0.125, 1.0]))
+    router.local_tokens_per_expert.copy_(torch.tensor([5.0, 1.0, 3.0, 3.0, 0.0, 8.0, 2.0, 2.0]))
+    _update_router_expert_bias([router], cfg)
+    expected = [0.49, 0.51, 0.5, 0.5, -0.24, -0.01, 0.135, 1.01]
+    assert router.expert_bias.tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_router_counts_feed_the_bias_update(cpu_world):
+    """The counts the bias update reads are the tokens the router chose in training steps."""
+    import torch
+
+    from megatron_dsv3.config import DSv3Config, cpu_overrides
+    from megatron_dsv3.model.router import DSv3Router
+
+    cfg = DSv3Config.from_preset("tiny", **cpu_overrides())
+    router = DSv3Router(cfg).train()
+    x = torch.randn(6, 2, cfg.hidden_size)
+    _, routing_map = router(x)
+    assert router.local_tokens_per_expert.tolist() == routing_map.sum(0).float().tolist()
+    assert router.local_tokens_per_expert.sum().item() == 12 * cfg.num_experts_per_tok
+    with torch.no_grad():
+        router(x)                                   # evaluation: not counted
+    assert router.local_tokens_per_expert.sum().item() == 12 * cfg.num_experts_per_tok

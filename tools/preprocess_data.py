@@ -98,6 +98,9 @@ def load_source(path: str, cache_dir: Optional[str] = None):
     import datasets
 
     kind = input_kind(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise PreprocessError(f"input {path!r} is empty (0 bytes): it holds no documents; remove it from "
+                              f"--input or fill it")
     try:
         if kind == "disk":
             ds = datasets.load_from_disk(path)
@@ -115,9 +118,39 @@ def load_source(path: str, cache_dir: Optional[str] = None):
     except PreprocessError:
         raise
     except Exception as e:  # a parse error, a corrupt file, ...
-        raise PreprocessError(f"could not read input {path!r} as {kind}: "
-                              f"{type(e).__name__}: {e}") from e
+        if kind == "json" and _only_whitespace(path):   # (datasets says StopIteration or "no data")
+            raise PreprocessError(f"input {path!r} holds only blank lines: it holds no documents; remove it "
+                                  f"from --input or fill it") from e
+        where = _first_non_utf8_line(path) if kind == "json" else None
+        raise PreprocessError(f"could not read input {path!r} as {kind}"
+                              + (f": {where}" if where else "") + f": {type(e).__name__}: {e}") from e
     return kind, ds
+
+
+def _only_whitespace(path: str) -> bool:
+    import gzip
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _first_non_utf8_line(path: str) -> Optional[str]:
+    """'line N is not valid UTF-8 (...)' for the first such line of a (possibly gzipped) text file."""
+    import gzip
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {number} is not valid UTF-8 (byte {line[e.start]:#04x} at byte {e.start} of the "
+                        f"line); re-encode the file as UTF-8")
+    return None
 
 
 def load_sources(paths: Sequence[str], cache_dir: Optional[str] = None) -> list[Source]:
@@ -155,7 +188,9 @@ def _where(sources: Sequence[Source], index: int) -> str:
 
 
 def find_empty(sources: Sequence[Source], text_key: str, batch_size: int = 65536) -> list[int]:
-    """Global indices of documents whose text is null or ''."""
+    """Global indices of documents whose text is null or ''. Also refuses text that is not valid
+    UTF-8, naming the document."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     out = []
@@ -163,10 +198,28 @@ def find_empty(sources: Sequence[Source], text_key: str, batch_size: int = 65536
         ds = s.dataset.select_columns([text_key]).with_format("arrow")
         for start in range(0, len(ds), batch_size):
             col = ds[start:start + batch_size][text_key]
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid:
+                _raise_non_utf8(sources, s, start, col, text_key)
             empty = pc.fill_null(pc.equal(pc.binary_length(col), 0), True)
             idx = pc.indices_nonzero(empty).to_numpy()
             out.extend(int(i) + start + s.first_index for i in idx)
     return out
+
+
+def _raise_non_utf8(sources, source, start, col, text_key) -> None:
+    import pyarrow as pa
+
+    for i, raw in enumerate(col.cast(pa.large_binary()).to_pylist()):
+        try:
+            (raw or b"").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PreprocessError(
+                f"{_where(sources, source.first_index + start + i)}: its {text_key!r} is not valid UTF-8 "
+                f"(byte {raw[e.start]:#04x} at byte {e.start}); re-encode the input as UTF-8") from None
+    raise PreprocessError(f"input {source.path!r}: its {text_key!r} column is damaged (pyarrow validation "
+                          f"failed on rows {start}..{start + len(col) - 1})")
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -273,6 +326,33 @@ def output_data_path(output_prefix: str, text_key: str) -> str:
     return f"{output_prefix}_{text_key}_document"
 
 
+def check_output(output_prefix: str, data_path: str) -> None:
+    """The directory of ``data_path`` exists and is writable, or can be created (nothing is created
+    here); a PreprocessError naming --output-prefix otherwise."""
+    out_dir = os.path.dirname(os.path.abspath(data_path))
+    for path in (data_path + ".bin", data_path + ".idx"):
+        if os.path.isdir(path):
+            raise PreprocessError(f"--output-prefix {output_prefix!r}: {path!r} is a directory")
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    why = None
+    if not os.path.isdir(existing):
+        why = f"{existing!r} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing!r} is not writable"
+    elif existing == out_dir:
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            why = f"cannot create a file in {out_dir!r} ({e.strerror})"
+    if why:
+        raise PreprocessError(f"--output-prefix {output_prefix!r}: {why}; choose a writable directory")
+
+
 def _remove_stale_index_cache(data_path: str, log) -> None:
     # With no --data-cache-path, GPTDataset caches its sample/shuffle indices in the directory
     # {data_path}/cache/GPTDataset_indices, keyed by path, seed, split and sequence length - not
@@ -315,6 +395,7 @@ def preprocess(
         raise PreprocessError(f"--workers must be >= 1, got {workers}")
     for p in inputs:
         input_kind(p)
+    check_output(output_prefix, output_data_path(output_prefix, text_key))
     tok = load_tokenizer(tokenizer_dir)
     check_tokenizer(tok, tokenizer_dir, append_eod, vocab_size)
     sources = load_sources(inputs, cache_dir)
@@ -381,13 +462,16 @@ def preprocess(
             os.remove(idx_path)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
-    except BaseException:
+    except BaseException as e:
         bar.close()
         if builder is not None and not builder.data_file.closed:
             builder.data_file.close()
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)
+        if isinstance(e, OSError):   # disk full, a directory removed under us, ...
+            raise PreprocessError(f"I/O error on {e.filename or data_path + '.bin/.idx'!r} while writing "
+                                  f"{data_path}.bin/.idx: {e.strerror or e}; nothing was written") from e
         raise
     _remove_stale_index_cache(data_path, log)
 

@@ -114,7 +114,7 @@ def _active(key: Key, cfg: DSv3Config, moe: bool, mtp: bool) -> bool:
 
 def layer_entries(cfg: DSv3Config, hf_layer: int, ours_prefix: str, mtp_prefix: str | None):
     """(Key, hf names, our name, expert) for one HF layer; experts expanded."""
-    moe = hf_layer >= cfg.first_k_dense_replace
+    moe = cfg.is_moe_layer(hf_layer)
     out = []
     for key in LAYER_KEYS:
         if not _active(key, cfg, moe, mtp_prefix is not None):

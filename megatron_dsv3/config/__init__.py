@@ -4,10 +4,10 @@ coefficient schedules and THE table mapping DSv3 fields to Megatron-LM flags and
     from megatron_dsv3.config import DSv3Config, cpu_overrides
     cfg = DSv3Config.from_preset("deepseek-v3")
 """
-from .dsv3 import DSV3_FIELDS, DSv3Config
+from .dsv3 import DSV3_FIELDS, DSv3Config, missing_coefficients
 from .layout import DSv3ConfigError, check_parallel_layout
 from .mapping import DERIVED_MEGATRON_FIELDS, has_moe
-from .presets import PRESETS
+from .presets import PRESETS, RECIPES
 
 
 def cpu_overrides() -> dict:
@@ -18,5 +18,5 @@ def cpu_overrides() -> dict:
     return cpu_core_settings()
 
 
-__all__ = ["DSv3Config", "DSv3ConfigError", "PRESETS", "DSV3_FIELDS", "DERIVED_MEGATRON_FIELDS",
-           "check_parallel_layout", "cpu_overrides", "has_moe"]
+__all__ = ["DSv3Config", "DSv3ConfigError", "PRESETS", "RECIPES", "DSV3_FIELDS", "DERIVED_MEGATRON_FIELDS",
+           "check_parallel_layout", "cpu_overrides", "has_moe", "missing_coefficients"]

@@ -18,7 +18,7 @@ from typing import Optional
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from .layout import DSv3ConfigError, check_parallel_layout
-from .mapping import has_moe, megatron_core_values
+from .mapping import has_moe, megatron_core_values, moe_layer_pattern
 
 _UNSET = object()
 
@@ -35,6 +35,10 @@ class DSv3Config(MLATransformerConfig):
 
     first_k_dense_replace: Optional[int] = None
     """The first k decoder layers use a dense SwiGLU FFN, the rest MoE (671B: 3; paper sec. 4.2)."""
+
+    moe_layer_interval: int = 1
+    """HF config.json's ``moe_layer_freq``: a layer i >= first_k_dense_replace is MoE when
+    i % moe_layer_interval == 0, dense otherwise (every released DeepSeek model: 1)."""
 
     # ---------------- MLA (paper sec. 2.1.1) ----------------
     q_lora_rank: Optional[int] = _UNSET  # type: ignore[assignment]
@@ -114,9 +118,21 @@ class DSv3Config(MLATransformerConfig):
 
     ranks_per_node: Optional[int] = None
     """Cluster topology, not model shape: GPUs per node (DSv3 training: 8). Used for the cross-node
-    routing metric; None = not known (the metric is not computed)."""
+    routing metric and by the ``node_limited`` dispatcher (required there); None = not known."""
+
+    token_dispatcher: Optional[str] = None
+    """A token dispatcher registered by megatron-dsv3 (``megatron_dsv3.registry.DISPATCHERS``, e.g.
+    ``node_limited``: report sec. 3.2.2). Megatron-Core's ``moe_token_dispatcher_type`` then names the
+    Megatron dispatcher whose behaviour it provides. None: Megatron-Core's own dispatcher.
+    (``moe_token_dispatcher_type="node_limited"`` given directly is read as this field.)"""
+
+    moe_dispatch_fp8: bool = False
+    """Send the activations dispatched to the experts as FP8 e4m3 with one fp32 scale per 1x128 tile
+    (report sec. 3.3); combine stays in the training dtype. Needs a dispatcher that supports it
+    (``node_limited``)."""
 
     def __post_init__(self):
+        self._read_registered_dispatcher()
         self._check_dsv3_fields()
         self._derive_megatron_fields()
         check_parallel_layout(
@@ -136,10 +152,14 @@ class DSv3Config(MLATransformerConfig):
     def has_moe(self) -> bool:
         return has_moe(self.dsv3_fields())
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Is 0-based decoder layer ``layer`` MoE? (MTP modules always are.)"""
+        return layer >= self.num_layers or bool(moe_layer_pattern(self.dsv3_fields())[layer])
+
     @property
     def moe_layer_numbers(self) -> list[int]:
         """0-based indices of the decoder layers that are MoE."""
-        return list(range(self.first_k_dense_replace, self.num_layers))
+        return [i for i, moe in enumerate(moe_layer_pattern(self.dsv3_fields())) if moe]
 
     def _need(self, name: str, hint: str = ""):
         value = getattr(self, name)
@@ -182,7 +202,10 @@ class DSv3Config(MLATransformerConfig):
             raise DSv3ConfigError(
                 f"DSv3Config.first_k_dense_replace={self.first_k_dense_replace} must be in "
                 f"[0, num_layers={self.num_layers}]")
-        if self.ffn_hidden_size is None and self.first_k_dense_replace > 0:
+        if not isinstance(self.moe_layer_interval, int) or self.moe_layer_interval < 1:
+            raise DSv3ConfigError(f"DSv3Config.moe_layer_interval={self.moe_layer_interval!r} must be an "
+                                  "integer >= 1 (HF moe_layer_freq)")
+        if self.ffn_hidden_size is None and len(self.moe_layer_numbers) < self.num_layers:
             raise DSv3ConfigError("DSv3Config.ffn_hidden_size (dense intermediate_size) is not set")
         if self.has_moe:
             self._check_moe_fields()
@@ -218,6 +241,20 @@ class DSv3Config(MLATransformerConfig):
                 f"n_group={G} groups needs >= 2 experts (n_routed_experts={E})")
         if self.seq_aux_alpha < 0 or (self.bias_update_rate or 0) < 0:
             raise DSv3ConfigError("DSv3Config.seq_aux_alpha and bias_update_rate must be >= 0")
+
+    def _read_registered_dispatcher(self):
+        """moe_token_dispatcher_type naming a dispatcher megatron-dsv3 registered -> token_dispatcher."""
+        from ..registry import registered_dispatcher
+
+        if self.token_dispatcher is None and registered_dispatcher(self.moe_token_dispatcher_type) is not None:
+            self.token_dispatcher = self.moe_token_dispatcher_type
+            self.moe_token_dispatcher_type = next(
+                f.default for f in dataclasses.fields(MLATransformerConfig) if f.name == "moe_token_dispatcher_type")
+        if self.token_dispatcher is not None and registered_dispatcher(self.token_dispatcher) is None:
+            from ..registry import names, DISPATCHERS
+
+            raise DSv3ConfigError(f"DSv3Config.token_dispatcher={self.token_dispatcher!r} is not a dispatcher "
+                                  f"class registered by megatron-dsv3; registered: {names(DISPATCHERS)}")
 
     # ------------------------------------------------------------------
     def _derive_megatron_fields(self):
@@ -255,8 +292,15 @@ class DSv3Config(MLATransformerConfig):
         from .hf_config import hf_to_config_kwargs, read_hf_config
 
         kw = hf_to_config_kwargs(read_hf_config(path_or_dict))
-        kw.update(seq_aux_alpha=seq_aux_alpha, bias_update_rate=bias_update_rate, mtp_lambda=mtp_lambda)
+        given = dict(seq_aux_alpha=seq_aux_alpha, bias_update_rate=bias_update_rate, mtp_lambda=mtp_lambda)
+        kw.update({k: v for k, v in given.items() if v is not None})
         kw.update(overrides)
+        missing = missing_coefficients(kw)
+        if missing:
+            raise DSv3ConfigError(
+                "the HF config has no value for " + ", ".join(f"{name} ({why})" for name, why in missing)
+                + "; pass them: DSv3Config.from_hf_config(path, " + ", ".join(f"{name}=..." for name, _ in missing)
+                + ") (0.0 disables a term explicitly)")
         return cls(**kw)
 
     def hf_dict(self) -> dict:
@@ -264,6 +308,19 @@ class DSv3Config(MLATransformerConfig):
         from .hf_config import config_to_hf_dict
 
         return config_to_hf_dict(self)
+
+
+def missing_coefficients(fields: dict) -> list[tuple[str, str]]:
+    """[(field, what it is)] for every training coefficient this model uses and ``fields`` lacks."""
+    missing = []
+    moe = has_moe(fields)
+    if moe and fields.get("seq_aux_alpha") is None:
+        missing.append(("seq_aux_alpha", "alpha of the sequence-wise balance loss; paper 0.0001"))
+    if moe and fields.get("scoring_func", "sigmoid") == "sigmoid" and fields.get("bias_update_rate") is None:
+        missing.append(("bias_update_rate", "gamma, the expert-bias update speed; paper 0.001"))
+    if fields.get("mtp_num_layers") and fields.get("mtp_lambda") is None:
+        missing.append(("mtp_lambda", "the MTP loss weight; paper 0.3"))
+    return missing
 
 
 #: The DSv3 fields (the ones DSv3Config adds, plus the Megatron shape fields it shares).

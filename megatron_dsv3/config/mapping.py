@@ -33,13 +33,27 @@ def _get(fields: Mapping, name: str):
     return fields.get(name)
 
 
+def moe_layer_pattern(fields: Mapping) -> list[int]:
+    """1 for each decoder layer that is MoE: layer i >= first_k_dense_replace with
+    i % moe_layer_interval == 0 (HF's moe_layer_freq), else 0 (dense)."""
+    k, n, every = fields["first_k_dense_replace"], fields["num_layers"], fields.get("moe_layer_interval") or 1
+    return [1 if i >= k and i % every == 0 else 0 for i in range(n)]
+
+
 def has_moe(fields: Mapping) -> bool:
     """Does a model with these DSv3 fields have MoE layers (decoder or MTP)?"""
-    return fields["first_k_dense_replace"] < fields["num_layers"] or bool(fields.get("mtp_num_layers"))
+    return any(moe_layer_pattern(fields)) or bool(fields.get("mtp_num_layers"))
+
+
+def _megatron_dispatcher(f: Mapping) -> str:
+    from ..registry import megatron_dispatcher
+
+    return megatron_dispatcher(f["token_dispatcher"])
 
 
 _CONDITIONS: dict[str, Callable[[Mapping], bool]] = {
     "always": lambda f: True,
+    "registered_dispatcher": lambda f: f.get("token_dispatcher") is not None,
     "moe": has_moe,
     "mtp": lambda f: bool(f.get("mtp_num_layers")),
     "yarn": lambda f: f.get("rope_scaling") is not None,
@@ -59,6 +73,9 @@ class Row:
     off: Any = _KEEP
     #: Megatron-LM's format of the flag's value
     as_flag: Callable[[Any], Any] = lambda v: v
+    #: when the row does not apply, the Megatron-Core field keeps the value Megatron's own flag gave
+    #: (so it is not in DERIVED_MEGATRON_FIELDS)
+    passthrough: bool = False
 
     def applies(self, fields: Mapping) -> bool:
         return _CONDITIONS[self.when](fields)
@@ -70,11 +87,6 @@ class Row:
 
 def _fixed(flag, core, value, why, when="always", as_flag=lambda v: v):
     return Row(flag, core, value=lambda f: value, when=when, fixed=True, why=why, as_flag=as_flag)
-
-
-def _moe_layer_freq(f):
-    k, n = f["first_k_dense_replace"], f["num_layers"]
-    return [0] * k + [1] * (n - k)
 
 
 ROWS: tuple[Row, ...] = (
@@ -124,16 +136,22 @@ ROWS: tuple[Row, ...] = (
     Row("moe_router_bias_update_rate", "moe_router_bias_update_rate", "bias_update_rate", when="moe",
         value=lambda f: f["bias_update_rate"] if f["scoring_func"] == "sigmoid" else 0.0),
     Row("moe_aux_loss_coeff", "moe_aux_loss_coeff", "seq_aux_alpha", when="moe"),
-    Row("moe_layer_freq", "moe_layer_freq", value=_moe_layer_freq, when="moe"),
+    Row("moe_layer_freq", "moe_layer_freq", value=moe_layer_pattern, when="moe"),
     _fixed("moe_router_load_balancing_type", "moe_router_load_balancing_type", "seq_aux_loss",
            "DSv3 balances with the expert bias + the sequence-wise loss", when="moe", as_flag=lambda v: [v]),
     _fixed("moe_router_pre_softmax", "moe_router_pre_softmax", False, "DSv3 normalises after top-k", when="moe"),
+    # a registered dispatcher (token_dispatcher, set from --moe-token-dispatcher-type by the launcher):
+    # Megatron sees the name of the Megatron dispatcher whose behaviour it provides
+    Row("moe_token_dispatcher_type", "moe_token_dispatcher_type", value=_megatron_dispatcher,
+        when="registered_dispatcher", passthrough=True),
+    Row("moe_dispatch_fp8", None, "moe_dispatch_fp8"),
     _fixed("moe_router_dtype", "moe_router_dtype", "fp32", "DSv3 routes in fp32", when="moe"),
     # --- MTP ----------------------------------------------------------------------------------
     Row("mtp_loss_scaling_factor", "mtp_loss_scaling_factor", "mtp_lambda", when="mtp", off=0.0),
     # --- flags megatron-dsv3 adds (same name as the DSv3 field; no Megatron-Core field) ---------
     Row("n_shared_experts", None, "n_shared_experts"),
     Row("first_k_dense_replace", None, "first_k_dense_replace"),
+    Row(None, None, "moe_layer_interval"),          # set through --moe-layer-freq (see the launcher)
     Row("norm_topk_prob", None, "norm_topk_prob"),
     # --- fixed by the architecture ------------------------------------------------------------
     _fixed("multi_latent_attention", "multi_latent_attention", True, "DSv3 attention is MLA"),
@@ -148,7 +166,7 @@ ROWS: tuple[Row, ...] = (
 
 #: Megatron-Core fields derived from the DSv3 fields. A builder that starts from Megatron's own
 #: translation of its flags leaves these at their defaults (tests/test_config.py checks completeness).
-DERIVED_MEGATRON_FIELDS = frozenset(r.core for r in ROWS if r.core is not None)
+DERIVED_MEGATRON_FIELDS = frozenset(r.core for r in ROWS if r.core is not None and not r.passthrough)
 
 #: DSv3 field (or ``rope_scaling.<key>``) -> the Megatron-LM flag that sets it.
 FLAG_OF_FIELD: dict[str, str] = {r.field: r.flag for r in ROWS if r.field is not None and r.flag is not None}

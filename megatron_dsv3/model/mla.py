@@ -7,7 +7,21 @@ H = heads, H_l = heads on this TP rank, dn = qk_nope_head_dim, dr = qk_rope_head
     c, kpe = split(kv_down(x), [kv_lora_rank, dr])                                        [s_l, b, *]
     k_nope, v = split(kv_up(RMSNorm(c)), [dn, dv])                                       [s, b, H_l, *]
     q_pe, k_pe = RoPE(q[..., dn:]), RoPE(kpe)          (kpe: ONE head shared by all heads, not normed)
-    out    = o_proj(softmax(q k^T * scale) v),  scale = (dn+dr)^-0.5 * mscale^2
+    out    = o_proj(dropout(softmax(q k^T * scale + mask)) v),  scale = (dn+dr)^-0.5 * mscale^2
+
+mask: causal, or Megatron's [b, 1, s, s] bool attention mask (True = masked; GPTDataset builds it
+causal per document with --reset-attention-mask). RoPE is relative, so a document packed at offset
+o attends exactly as when run alone at positions 0..len-1 (--reset-position-ids changes nothing).
+dropout (--attention-dropout) on the attention probabilities draws from Megatron's model-parallel
+RNG stream (heads differ across TP ranks), so recomputation and checkpoint resume repeat it.
+
+Selective recomputation (``--recompute-granularity selective --recompute-modules ...``, DeepSeek-V3
+report sec. 3.2.3; the names are Megatron-Core's):
+    mla_up_proj  q_up / kv_up, their latent RMSNorms and RoPE run again in backward; query, key and
+                 value are dropped after the attention core (output-discarding checkpoint)
+    layernorm    (without mla_up_proj) the latent RMSNorm outputs are dropped and recomputed;
+                 Megatron's TransformerLayer recomputes the input / pre-MLP RMSNorms under this name
+    core_attn    the attention core (mask, softmax, dropout) runs again in backward
 
 Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
 sequence under SP), o_proj is row-parallel. The down projections are small and duplicated on every
@@ -16,11 +30,13 @@ are marked ``sequence_parallel`` so finalize_model_grads sums their gradients ov
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -77,8 +93,24 @@ class MLASubmodules:
     kv_layernorm: type = None
 
 
+#: Megatron-Core's ``--recompute-modules`` names that act on a DeepSeek-V3 layer, and where. The
+#: launcher refuses every other name (training/checks.py).
+RECOMPUTE_MODULES = {
+    "core_attn": "MultiLatentAttention: the attention core (mask, softmax, dropout)",
+    "mla_up_proj": "MultiLatentAttention: q/kv up-projections with their latent RMSNorms and RoPE; "
+                   "query/key/value dropped after the attention core",
+    "layernorm": "Megatron's TransformerLayer: input and pre-MLP RMSNorm outputs dropped; "
+                 "MultiLatentAttention: the latent RMSNorms (when mla_up_proj is off)",
+    "mlp": "Megatron's TransformerLayer: the dense SwiGLU layers",
+    "moe": "Megatron's MoELayer: the whole MoE layer (router, dispatch, experts, shared expert)",
+    "shared_experts": "Megatron's MoELayer: the shared expert",
+    "moe_act": "Megatron's grouped-GEMM experts (--moe-grouped-gemm): the expert activation",
+}
+
+
 class MultiLatentAttention(MegatronModule):
-    """DeepSeek-V3 MLA self-attention with causal masking (Megatron attention module interface)."""
+    """DeepSeek-V3 MLA self-attention, causal or with Megatron's attention mask (Megatron attention
+    module interface)."""
 
     def __init__(self, config, submodules: MLASubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal,
@@ -128,14 +160,10 @@ class MultiLatentAttention(MegatronModule):
             yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
             if rs is not None else 1.0)
         self.register_buffer("inv_freq", inverse_frequencies(self.dr, c.rope_theta, rs), persistent=False)
-
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.q_lora_rank is None:
-            q, _ = self.linear_q_proj(x)
-        else:
-            q_latent, _ = self.linear_q_down_proj(x)
-            q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
-        return q
+        modules = set(c.recompute_modules or ()) if c.recompute_granularity == "selective" else set()
+        self.recompute_up_proj = "mla_up_proj" in modules
+        self.recompute_latent_norms = "layernorm" in modules and not self.recompute_up_proj
+        self.recompute_core_attn = "core_attn" in modules
 
     def _shared_rope_key(self, k_pe: torch.Tensor) -> torch.Tensor:
         """Full-sequence k_pe on every TP rank, with gradients summed over the heads of all ranks."""
@@ -145,33 +173,109 @@ class MultiLatentAttention(MegatronModule):
             return gather_from_sequence_parallel_region(k_pe, group=self.tp_group)
         return copy_to_tensor_model_parallel_region(k_pe, group=self.tp_group)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, key_value_states=None,
-                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
-                rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
-                sequence_len_offset=None, **_unused):
-        """hidden_states [s_l, b, hidden] -> (output [s_l, b, hidden], None). Causal; mask ignored."""
-        if inference_context is not None or packed_seq_params is not None or key_value_states is not None:
-            raise NotImplementedError("MultiLatentAttention: KV-cache inference, packed sequences and "
-                                      "cross-attention are not supported yet")
-        q = self._query(hidden_states)
-        kv_down, _ = self.linear_kv_down_proj(hidden_states)
-        c_kv, k_pe = kv_down.split([self.config.kv_lora_rank, self.dr], dim=-1)
-        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(c_kv))
-        k_pe = self._shared_rope_key(k_pe)
+    def _discarding_checkpoint(self):
+        """Megatron's output-discarding checkpoint (FP8 context only when FP8/FP4 is on: its default
+        ``fp8=False`` would ask for Transformer Engine)."""
+        return tensor_parallel.CheckpointWithoutOutput(fp8=True if (self.config.fp8 or self.config.fp4) else None)
 
+    def _up_projection(self, q_in: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, norms: bool):
+        """Latents -> query, key [s, b, H_l, dn+dr], value [s, b, H_l, dv] (fresh contiguous tensors).
+
+        q_in: the q latent (q_lora_rank) or the hidden states (plain q_proj); k_pe: the full-sequence
+        shared RoPE key [s, b, dr]. ``norms``: apply the latent RMSNorms here (else already applied).
+        """
+        if self.config.q_lora_rank is None:
+            q, _ = self.linear_q_proj(q_in)
+        else:
+            q, _ = self.linear_q_up_proj(self.q_layernorm(q_in) if norms else q_in)
+        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(c_kv) if norms else c_kv)
         s, b = q.shape[0], q.shape[1]
-        q = q.view(s, b, self.n_local_heads, self.dn + self.dr)
-        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        q_nope, q_pe = q.view(s, b, self.n_local_heads, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
         k_nope, v = kv.view(s, b, self.n_local_heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
         cos, sin = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
         q_pe = apply_rope(q_pe.float(), cos, sin).to(q.dtype)
         k_pe = apply_rope(k_pe.unsqueeze(2).float(), cos, sin).to(q.dtype)
         query = torch.cat((q_nope, q_pe), dim=-1)
         key = torch.cat((k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)), dim=-1)
+        return query, key, v.contiguous()
 
-        # [s, b, H_l, d] -> [b, H_l, s, d]
-        out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-            is_causal=True, scale=self.softmax_scale)
-        out = out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+    def _dropout_rng(self):
+        """Megatron's model-parallel RNG stream for the attention dropout. Under sequence parallelism
+        the decoder block (and the MTP layer) already run inside it."""
+        if self.config.sequence_parallel:
+            return nullcontext()
+        return tensor_parallel.get_cuda_rng_tracker().fork()
+
+    def _core_attention(self, query, key, value, mask):
+        """[s, b, H_l, *] -> [s, b, H_l * dv]: softmax(q k^T * scale, causal or ``mask``), dropout, @ v."""
+        s, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, H_l, s, d]
+        p = self.config.attention_dropout if self.training else 0.0
+        masking = dict(is_causal=True) if mask is None else dict(attn_mask=~mask)   # SDPA: True = attend
+        if p > 0:
+            with self._dropout_rng():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **masking)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **masking)
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+
+    @staticmethod
+    def _check_mask(mask: Optional[torch.Tensor], batch: int, seq: int) -> None:
+        if mask is None:
+            return
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 \
+                or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (seq, seq):
+            raise ValueError(
+                f"MultiLatentAttention: attention_mask must be Megatron's bool [batch or 1, 1, {seq}, {seq}] "
+                f"mask (True = masked, as GPTDataset builds it with create_attention_mask); got "
+                f"{mask.dtype} {tuple(mask.shape)}")
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
+                sequence_len_offset=None, **_unused):
+        """hidden_states [s_l, b, hidden] -> (output [s_l, b, hidden], None).
+
+        attention_mask: None (causal) or Megatron's bool [b or 1, 1, s, s], True = masked.
+        """
+        if inference_context is not None or packed_seq_params is not None or key_value_states is not None:
+            raise NotImplementedError("MultiLatentAttention: KV-cache inference, packed sequences and "
+                                      "cross-attention are not supported yet")
+        if attention_bias is not None:
+            raise NotImplementedError("MultiLatentAttention: attention_bias is not supported")
+        if self.config.q_lora_rank is None:
+            q_in = hidden_states
+        else:
+            q_in, _ = self.linear_q_down_proj(hidden_states)
+        kv_down, _ = self.linear_kv_down_proj(hidden_states)
+        c_kv, k_pe = kv_down.split([self.config.kv_lora_rank, self.dr], dim=-1)
+        k_pe = self._shared_rope_key(k_pe)
+        self._check_mask(attention_mask, hidden_states.shape[1], k_pe.shape[0])
+
+        checkpoints = []          # output-discarding: recomputed when the core's output gets its gradient
+        training = self.training and torch.is_grad_enabled()
+        if training and self.recompute_up_proj:
+            up = self._discarding_checkpoint()
+            query, key, value = up.checkpoint(lambda q_, c_, k_: self._up_projection(q_, c_, k_, True),
+                                              q_in, c_kv, k_pe)
+            checkpoints.append(up)
+        else:
+            if self.config.q_lora_rank is not None:
+                q_in = self._norm(self.q_layernorm, q_in, training, checkpoints)
+            c_kv = self._norm(self.kv_layernorm, c_kv, training, checkpoints)
+            query, key, value = self._up_projection(q_in, c_kv, k_pe, False)
+
+        if training and self.recompute_core_attn:
+            out = tensor_parallel.checkpoint(self._core_attention, False, query, key, value, attention_mask)
+        else:
+            out = self._core_attention(query, key, value, attention_mask)
+        for ckpt in checkpoints:
+            ckpt.discard_output_and_register_recompute(out)
         return self.linear_proj(out)
+
+    def _norm(self, norm, x, training: bool, checkpoints: list):
+        if not (training and self.recompute_latent_norms):
+            return norm(x)
+        ckpt = self._discarding_checkpoint()
+        checkpoints.append(ckpt)
+        return ckpt.checkpoint(norm, x)

@@ -16,9 +16,11 @@ This class plugs into Megatron-Core's ``MultiTokenPredictionBlock`` through the 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_token_prediction import roll_tensor
@@ -58,10 +60,14 @@ class DSv3MTPLayer(MegatronModule):
         if padding_mask is not None:
             padding_mask, _ = roll_tensor(padding_mask, shifts=-1, dims=-1, cp_group=self.cp_group)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)       # [s_l, b, h]
-        u = torch.cat((self.enorm(emb), self.hnorm(hidden_states)), dim=-1)
-        u, _ = self.eh_proj(u)
-        u = make_viewless_tensor(inp=u, requires_grad=True, keep_graph=True)
-        h, _ = self.mtp_model_layer(hidden_states=u, attention_mask=attention_mask)
+        # Under sequence parallelism dropout draws from the model-parallel RNG stream (each TP rank
+        # holds other tokens), as in Megatron's decoder block and MTP layer.
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        with rng:
+            u = torch.cat((self.enorm(emb), self.hnorm(hidden_states)), dim=-1)
+            u, _ = self.eh_proj(u)
+            u = make_viewless_tensor(inp=u, requires_grad=True, keep_graph=True)
+            h, _ = self.mtp_model_layer(hidden_states=u, attention_mask=attention_mask)
         h = self.final_layernorm(h)
         h = make_viewless_tensor(inp=h, requires_grad=True, keep_graph=True)
         return h, input_ids, position_ids, padding_mask

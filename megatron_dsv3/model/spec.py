@@ -45,9 +45,31 @@ from .mtp import mtp_layer_spec
 from .router import DSv3Router
 
 
+def build_topology(config: DSv3Config, pg_collection=None):
+    """The node topology the configured token dispatcher needs, or None. COLLECTIVE over the world
+    when one is built: every rank calls it at the same point (``build_model`` does)."""
+    from megatron.core import parallel_state
+
+    from ..parallel.topology import NodeTopology
+    from ..registry import registered_dispatcher
+
+    cls = registered_dispatcher(config.token_dispatcher) if config.token_dispatcher else None
+    if not getattr(cls, "needs_topology", False) or not config.num_moe_experts:
+        return None
+    if not config.ranks_per_node:
+        raise ValueError(f"token_dispatcher={config.token_dispatcher!r} needs config.ranks_per_node "
+                         "(--ranks-per-node): GPUs per node")
+    ep = getattr(pg_collection, "ep", None) if pg_collection is not None else None
+    if ep is None:
+        ep = parallel_state.get_expert_model_parallel_group()
+    return NodeTopology.build(ep, config.ranks_per_node)
+
+
 @register(SPECS, "layer")
-def get_dsv3_layer_spec(config: DSv3Config, moe: bool) -> ModuleSpec:
-    """One decoder layer: MLA attention, then dense SwiGLU (moe=False) or DeepSeekMoE."""
+def get_dsv3_layer_spec(config: DSv3Config, moe: bool, topology=None) -> ModuleSpec:
+    """One decoder layer: MLA attention, then dense SwiGLU (moe=False) or DeepSeekMoE.
+
+    ``topology``: the node topology for dispatchers that need one (:func:`build_topology`)."""
     b = backend_for(config)
     attention = ModuleSpec(
         module=MultiLatentAttention,
@@ -61,7 +83,7 @@ def get_dsv3_layer_spec(config: DSv3Config, moe: bool) -> ModuleSpec:
     if moe:
         mlp = partial(DSv3MoELayer, submodules=MoESubmodules(
             experts=b.experts, shared_experts=partial(SharedExpertMLP, submodules=swiglu),
-            router=DSv3Router))
+            router=DSv3Router), topology=topology)
     else:
         mlp = partial(MLP.as_mlp_submodule, submodules=swiglu)
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
@@ -72,10 +94,11 @@ def get_dsv3_layer_spec(config: DSv3Config, moe: bool) -> ModuleSpec:
 @register(SPECS, "decoder_block")
 def get_dsv3_decoder_block_spec(config: DSv3Config, use_transformer_engine: Optional[bool] = None,
                                 vp_stage: Optional[int] = None, pp_rank: Optional[int] = None,
-                                **_unused) -> TransformerBlockSubmodules:
-    """The decoder layers of this pipeline stage (first_k_dense_replace dense, then MoE)."""
-    dense, moe = get_dsv3_layer_spec(config, moe=False), get_dsv3_layer_spec(config, moe=True)
-    specs = [dense if i < config.first_k_dense_replace else moe for i in range(config.num_layers)]
+                                topology=None, **_unused) -> TransformerBlockSubmodules:
+    """The decoder layers of this pipeline stage (dense or MoE as ``config.is_moe_layer`` says)."""
+    dense = get_dsv3_layer_spec(config, moe=False)
+    moe = get_dsv3_layer_spec(config, moe=True, topology=topology)
+    specs = [moe if config.is_moe_layer(i) else dense for i in range(config.num_layers)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
@@ -84,22 +107,27 @@ def get_dsv3_decoder_block_spec(config: DSv3Config, use_transformer_engine: Opti
 
 @register(SPECS, "mtp_block")
 def get_dsv3_mtp_block_spec(config: DSv3Config, vp_stage: Optional[int] = None,
-                            pp_rank: Optional[int] = None) -> Optional[MultiTokenPredictionBlockSubmodules]:
+                            pp_rank: Optional[int] = None,
+                            topology=None) -> Optional[MultiTokenPredictionBlockSubmodules]:
     """The D MTP modules (each with a full MoE decoder layer), on the stage that holds them."""
     if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage, pp_rank) == 0:
         return None
     b = backend_for(config)
-    layer = mtp_layer_spec(get_dsv3_layer_spec(config, moe=True), norm=b.norm, linear=b.duplicated)
+    layer = mtp_layer_spec(get_dsv3_layer_spec(config, moe=True, topology=topology), norm=b.norm,
+                           linear=b.duplicated)
     return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
 
 
 def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: bool = True,
                 vp_stage: Optional[int] = None, pg_collection=None) -> GPTModel:
-    """A DeepSeek-V3 GPTModel (this rank's pipeline stage) on the current parallel state."""
+    """A DeepSeek-V3 GPTModel (this rank's pipeline stage) on the current parallel state.
+
+    Collective when the token dispatcher needs a node topology (every rank must call it)."""
     patches.apply([quiet_gpt_deprecation.PATCH])
+    topology = build_topology(config, pg_collection)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_dsv3_decoder_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=get_dsv3_decoder_block_spec(config, vp_stage=vp_stage, topology=topology),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
@@ -107,7 +135,7 @@ def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: b
         parallel_output=True,
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",      # MLA applies its own decoupled RoPE
-        mtp_block_spec=get_dsv3_mtp_block_spec(config, vp_stage=vp_stage),
+        mtp_block_spec=get_dsv3_mtp_block_spec(config, vp_stage=vp_stage, topology=topology),
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

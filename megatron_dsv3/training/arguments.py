@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Optional
 
-from ..config import PRESETS, DSv3Config, DSv3ConfigError
+from ..config import PRESETS, RECIPES, DSv3Config, DSv3ConfigError, missing_coefficients
 from ..config.hf_config import hf_to_config_kwargs, read_hf_config
 from ..config.mapping import (
     DERIVED_MEGATRON_FIELDS,
     ROWS,
     YARN_KEYS,
     flag_name,
-    has_moe,
     megatron_arg_values,
+    moe_layer_pattern,
 )
 from ..config.schedules import Schedule, ScheduleError
 
@@ -56,8 +57,11 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pipeline-schedule", default="1f1b",
                    help="forward-backward schedule from megatron_dsv3.registry.SCHEDULES")
     g.add_argument("--ranks-per-node", type=int, default=None,
-                   help="GPUs per node, for the cross-node routing metric (default: LOCAL_WORLD_SIZE "
-                        "from torchrun; without it the metric is not logged)")
+                   help="GPUs per node, for the node_limited dispatcher and the cross-node routing metric "
+                        "(default: LOCAL_WORLD_SIZE from torchrun; without it the metric is not logged)")
+    g.add_argument("--moe-dispatch-fp8", action="store_true",
+                   help="node_limited dispatcher: send dispatched activations as FP8 e4m3 with one scale "
+                        "per 1x128 tile (report sec. 3.3); combine stays in the training dtype")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device, for MFU on devices not in "
                         "megatron_dsv3.training.flops.PEAK_TFLOPS")
@@ -70,6 +74,13 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--metrics-jsonl", default=None,
                    help="also append every iteration's DSv3 scalars (full precision) to this JSON-lines "
                         "file (written by the last rank)")
+    g.add_argument("--allow-fresh-start", action="store_true",
+                   help="train from scratch when --load (a directory other than --save) holds no "
+                        "checkpoint; without it that launch is an error naming the path")
+    g.add_argument("--verify-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a manifest of SHA-256 hashes into each saved checkpoint (once its shards "
+                        "are complete, before it becomes latest) and check it before loading, naming "
+                        "any missing, truncated or changed file (default: on)")
     g.add_argument("--cpu", action="store_true",
                    help="train on CPU with gloo through megatron_dsv3.cpu_backend (sets "
                         + ", ".join(f"{k}={v}" for k, v in cpu_arg_settings().items()) + ")")
@@ -107,9 +118,27 @@ def megatron_arguments():
     return arguments
 
 
+class _LaunchParser(argparse.ArgumentParser):
+    """A usage error prints the message, the closest flag names and a hint (exit code 2), not argparse's
+    usage line, which lists all ~750 Megatron flags and buries the message."""
+
+    def error(self, message: str):
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings]
+        hints = []
+        if message.startswith("unrecognized arguments:"):
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=2) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word}: did you mean {' or '.join(close)}?")
+        hints.append("run with --help for all flags")
+        self.exit(2, f"dsv3-pretrain: error: {message}\n" + "\n".join(hints) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="megatron-dsv3 pretraining (Megatron-LM flags + DSv3)",
-                                     allow_abbrev=False)
+    parser = _LaunchParser(description="megatron-dsv3 pretraining (Megatron-LM flags + DSv3)",
+                           allow_abbrev=False)
     megatron_arguments().add_megatron_arguments(parser)
     return extra_args(parser)
 
@@ -130,6 +159,39 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The preset's training recipe
+# ----------------------------------------------------------------------------------------------
+#: A recipe row is not applied when the user gave one of these (the same quantity another way).
+_RECIPE_ALTERNATIVES = {
+    "moe_router_bias_update_schedule": ("moe_router_bias_update_rate",),
+    "mtp_loss_scaling_schedule": ("mtp_loss_scaling_factor",),
+    "lr_warmup_samples": ("lr_warmup_iters", "lr_warmup_fraction"),
+    "lr_decay_samples": ("lr_decay_iters",),
+    "lr_wsd_decay_samples": ("lr_wsd_decay_iters",),
+}
+
+
+def apply_recipe(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """Set the preset's training recipe (config.presets.RECIPES) where the user gave no flag; returns
+    '--flag value' for each one set, and '(not applied: ...)' notes."""
+    rows = RECIPES.get(args.dsv3_preset or "", [])
+    done, skipped = [], []
+    for dest, value, _, samples_only in rows:
+        if dest in given or any(a in given for a in _RECIPE_ALTERNATIVES.get(dest, ())):
+            continue
+        if samples_only and args.train_iters is not None:
+            skipped.append(flag_name(dest))
+            continue
+        setattr(args, dest, value)
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        done.append(f"{flag_name(dest)} {shown}")
+    if skipped:
+        done.append("(not applied with --train-iters, the schedule is token-keyed; use --train-samples: "
+                    + ", ".join(skipped) + ")")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------
 # Flags -> DSv3 fields
 # ----------------------------------------------------------------------------------------------
 def _base_fields(args) -> dict:
@@ -140,10 +202,18 @@ def _base_fields(args) -> dict:
         if args.dsv3_preset not in PRESETS:
             raise LaunchError(f"--dsv3-preset {args.dsv3_preset!r} is unknown; choose one of {sorted(PRESETS)}")
         return dict(PRESETS[args.dsv3_preset])
+    defaults: dict = {}
     try:
-        fields = hf_to_config_kwargs(read_hf_config(args.dsv3_hf_config))
+        fields = hf_to_config_kwargs(read_hf_config(args.dsv3_hf_config), defaults)
     except (OSError, DSv3ConfigError, KeyError) as e:
         raise LaunchError(f"--dsv3-hf-config {args.dsv3_hf_config}: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        if defaults:
+            print(f"[dsv3] {args.dsv3_hf_config}: keys not in config.json take transformers' defaults: "
+                  + ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items())), flush=True)
+        if fields.get("seq_aux_alpha") is not None:
+            print(f"[dsv3] {args.dsv3_hf_config}: sequence-wise balance alpha {fields['seq_aux_alpha']} from "
+                  "config.json's aux_loss_alpha (--moe-aux-loss-coeff overrides it)", flush=True)
     for coefficient in ("mtp_lambda", "bias_update_rate", "seq_aux_alpha"):
         fields.setdefault(coefficient, None)
     return fields
@@ -176,6 +246,29 @@ def _rope_from_flags(args, given, rope: Optional[dict]) -> Optional[dict]:
     return rope
 
 
+def _moe_layer_freq_from_flags(args, given, fields) -> None:
+    """--moe-layer-freq: an int N (every N-th layer after the dense ones is MoE, HF's moe_layer_freq)
+    or Megatron's 0/1 list, which must be such a pattern."""
+    freq = args.moe_layer_freq
+    if isinstance(freq, int):
+        fields["moe_layer_interval"] = freq
+        return
+    L = fields["num_layers"]
+    if not isinstance(freq, list) or len(freq) != L:
+        raise LaunchError(f"--moe-layer-freq: give an int or a list of {L} 0/1 entries (one per layer)")
+    for k in range(L + 1):
+        for every in range(1, L + 1):
+            if moe_layer_pattern({"first_k_dense_replace": k, "num_layers": L, "moe_layer_interval": every}) == freq:
+                if "first_k_dense_replace" in given and args.first_k_dense_replace != k:
+                    raise LaunchError(f"--moe-layer-freq says {k} dense layers first but --first-k-dense-replace "
+                                      f"says {args.first_k_dense_replace}; give only one of them")
+                fields["first_k_dense_replace"], fields["moe_layer_interval"] = k, every
+                return
+    raise LaunchError("--moe-layer-freq: DSv3 layers are dense for the first k, then MoE every N-th layer "
+                      "(HF moe_layer_freq); this list is not such a pattern. Give --first-k-dense-replace k "
+                      "and --moe-layer-freq N instead")
+
+
 def _single(value, dest):
     if isinstance(value, (list, tuple)):
         if len(value) != 1:
@@ -201,17 +294,12 @@ def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
                               f"expert width {inter}; or give --n-shared-experts")
         fields["n_shared_experts"] = size // inter
     if "moe_layer_freq" in given:
-        freq = args.moe_layer_freq
-        L = fields["num_layers"]
-        k = freq.index(1) if isinstance(freq, list) and 1 in freq else None
-        if not isinstance(freq, list) or len(freq) != L or freq != [0] * k + [1] * (L - k):
-            raise LaunchError("--moe-layer-freq: DSv3 has dense layers first, then MoE "
-                              "([0]*k+[1]*(L-k)); give --first-k-dense-replace k instead")
-        if "first_k_dense_replace" in given and args.first_k_dense_replace != k:
-            raise LaunchError(f"--moe-layer-freq says {k} dense layers but --first-k-dense-replace says "
-                              f"{args.first_k_dense_replace}; give only one of them")
-        fields["first_k_dense_replace"] = k
+        _moe_layer_freq_from_flags(args, given, fields)
     fields["rope_scaling"] = _rope_from_flags(args, given, fields.get("rope_scaling"))
+    from ..registry import registered_dispatcher
+
+    if registered_dispatcher(args.moe_token_dispatcher_type) is not None:
+        fields["token_dispatcher"] = args.moe_token_dispatcher_type
     if fields.get("mtp_num_layers") == 0:
         fields["mtp_num_layers"] = None
     args.dsv3_schedules = {}
@@ -231,19 +319,20 @@ def resolve_model_fields(args: argparse.Namespace, given: set[str]) -> dict:
     return fields
 
 
+#: How the launcher asks for each training coefficient a config may lack.
+COEFFICIENT_FLAGS = {
+    "seq_aux_alpha": "--moe-aux-loss-coeff ALPHA (sequence-wise balance; paper 0.0001, 0 disables)",
+    "bias_update_rate": "--moe-router-bias-update-rate GAMMA (paper 0.001) or --moe-router-bias-update-schedule",
+    "mtp_lambda": "--mtp-loss-scaling-factor LAMBDA (paper 0.3) or --mtp-loss-scaling-schedule",
+}
+
+
 def _require_coefficients(fields: dict) -> None:
-    """A HF config carries no training coefficients: each one the model uses must be a flag."""
-    moe = has_moe(fields)
-    needed = []
-    if moe and fields.get("seq_aux_alpha") is None:
-        needed.append("--moe-aux-loss-coeff ALPHA (sequence-wise balance; paper 0.0001, 0 disables)")
-    if moe and fields.get("scoring_func") == "sigmoid" and fields.get("bias_update_rate") is None:
-        needed.append("--moe-router-bias-update-rate GAMMA (paper 0.001) or "
-                      "--moe-router-bias-update-schedule")
-    if fields.get("mtp_num_layers") and fields.get("mtp_lambda") is None:
-        needed.append("--mtp-loss-scaling-factor LAMBDA (paper 0.3) or --mtp-loss-scaling-schedule")
-    if needed:
-        raise LaunchError("the model's config has no training coefficients; give " + "; ".join(needed))
+    """A HF config carries no gamma / lambda (and maybe no alpha): each one the model uses is a flag."""
+    missing = missing_coefficients(fields)
+    if missing:
+        raise LaunchError("the model's config has no value for these training coefficients; give "
+                          + "; ".join(COEFFICIENT_FLAGS[name] for name, _ in missing))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Legend (DSv3Config field in brackets):
     E   routed experts [n_routed_experts]         K   experts per token [num_experts_per_tok]
     S   shared experts [n_shared_experts] (fused into one SwiGLU of width S*I)
     V   vocabulary [vocab_size]
-    L   decoder layers [num_layers], Ld = first_k_dense_replace dense ones, Lm = L - Ld MoE ones
+    L   decoder layers [num_layers], Lm MoE ones [moe_layer_numbers], Ld = L - Lm dense ones
     D   MTP depth [mtp_num_layers]
     P   attended (query, key) pairs per head: s(s+1)/2 when causal, s^2 when not
 
@@ -115,8 +115,9 @@ def model_flops(config, seq_len: int, *, causal: bool = True) -> dict:
         raise ValueError(f"model_flops: seq_len must be a positive integer, got {seq_len!r}")
     c = config
     pairs = s * (s + 1) // 2 if causal else s * s
-    L, Ld, D = c.num_layers, c.first_k_dense_replace, c.mtp_num_layers or 0
-    Lm = L - Ld
+    L, D = c.num_layers, c.mtp_num_layers or 0
+    Lm = len(c.moe_layer_numbers)
+    Ld = L - Lm
     h = c.hidden_size
 
     out = dict.fromkeys(PARTS, 0)

@@ -39,6 +39,7 @@ from ..config import DSv3ConfigError
 from ..config.mapping import flag_name
 from .arguments import (  # noqa: F401  (the launcher's public names)
     LaunchError,
+    apply_recipe,
     apply_to_megatron_args,
     build_parser,
     extra_args,
@@ -46,6 +47,7 @@ from .arguments import (  # noqa: F401  (the launcher's public names)
     parse,
     resolve_model_fields,
 )
+from . import safety
 from .checks import check_launch
 from .providers import MODEL_CHUNKS, datasets_provider, forward_step, model_provider
 
@@ -54,6 +56,10 @@ from .providers import MODEL_CHUNKS, datasets_provider, forward_step, model_prov
 def prepare(argv: list[str]) -> argparse.Namespace:
     """Parse, check and resolve a launch (no process group is built here)."""
     args, given = parse(argv)
+    recipe = apply_recipe(args, given)
+    if recipe and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dsv3] the {args.dsv3_preset} preset's training recipe (report sec. 4.2; flags you give win): "
+              + ", ".join(recipe), flush=True)
     fields = resolve_model_fields(args, given)
     check_launch(args, given, fields)
     notes = []
@@ -66,6 +72,9 @@ def prepare(argv: list[str]) -> argparse.Namespace:
         notes.append(f"--ranks-per-node {args.ranks_per_node} (LOCAL_WORLD_SIZE)")
     if notes and int(os.environ.get("RANK", "0")) == 0:
         print("[dsv3] from the DSv3 model / launch environment: " + ", ".join(notes), flush=True)
+    for note in safety.launch_settings(args, given):    # step guard settings, a fresh --load
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[dsv3] {note}", flush=True)
     apply_to_megatron_args(args, fields)
     args.dsv3_fields = fields
     args.dsv3_given = sorted(given)
@@ -109,30 +118,33 @@ def main(argv: Optional[list[str]] = None) -> None:
     from . import coefficients, metrics
 
     reparse_args.EXTRA_ARGS[0] = extra_args
+    safety.install(args)          # the hooks of the checkpoint_safety / nonfinite_step_guard patches
     sys.argv = [sys.argv[0] if sys.argv else "dsv3-pretrain", *argv]   # what Megatron re-parses
     patches.apply(patches.training_patches())
     if args.cpu:
         cpu_backend.enable(training=True)
-    megatron_args.validate_args(args, {})      # (the CPU backend's cpu_arguments patch wraps it)
-    validate_model(args)
-    set_global_variables(args)
-    registry.install_schedule(args.pipeline_schedule)
-    coefficients.install(args)
-    metrics.install(args)
+    with safety.error_exits_nonzero():         # Megatron's exit code 0 after an error -> 1
+        megatron_args.validate_args(args, {})      # (the CPU backend's cpu_arguments patch wraps it)
+        validate_model(args)
+        set_global_variables(args)
+        registry.install_schedule(args.pipeline_schedule)
+        coefficients.install(args)
+        metrics.install(args)
 
-    from megatron.training.training import pretrain
+        from megatron.training.training import pretrain
 
-    pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
-             forward_step, model_provider=model_provider)
-    if args.export_hf is not None:
-        import torch
+        pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
+                 forward_step, model_provider=model_provider)
+        if args.export_hf is not None:
+            import torch
 
-        from ..checkpoint.hf_writer import save
+            from ..checkpoint.hf_writer import save
 
-        save(MODEL_CHUNKS[0], args.export_hf, dtype=getattr(torch, args.export_hf_dtype))
-        if torch.distributed.get_rank() == 0:
-            print(f"[dsv3] wrote HF checkpoint of {args.load} (iteration {args.iteration}) to "
-                  f"{args.export_hf}", flush=True)
+            loaded = safety.require_loaded_checkpoint(args)    # never export untrained weights
+            save(MODEL_CHUNKS[0], args.export_hf, dtype=getattr(torch, args.export_hf_dtype))
+            if torch.distributed.get_rank() == 0:
+                print(f"[dsv3] wrote HF checkpoint of {loaded.path} (iteration {args.iteration}) to "
+                      f"{args.export_hf}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,13 @@ METRICS = {
     "moe/bias_replica_spread": "largest difference between replicas of one layer's bias over the ranks "
                                "that hold it (must be 0: they update from the same summed counts)",
     "moe/cross_node_share": "routed (token, expert) pairs whose expert is on another node",
-    "moe/remote_nodes_per_token": "mean number of other nodes a token is sent to",
+    "moe/remote_nodes_per_token": "mean number of other nodes a token is sent to (the inter-node copies of "
+                                  "node-limited dispatch)",
+    "moe/remote_experts_per_token": "mean number of its experts a token has on other nodes (the inter-node "
+                                    "copies of a flat all-to-all dispatch)",
+    "moe/dispatch_bytes_cross_node": "bytes the registered dispatcher (node_limited) sent across nodes per "
+                                     "iteration, all ranks, dispatch + combine",
+    "moe/dispatch_bytes_intra_node": "bytes it sent inside nodes per iteration, all ranks",
 }
 
 _PER_EXPERT_LIMIT = 1024
@@ -86,6 +92,9 @@ class _State:
     jsonl: Optional[str] = None
     config: object = None
     routers: dict = field(default_factory=dict)     # DSv3Router -> _RouterCounts
+    #: bytes the dispatchers sent [cross-node, intra-node] since the last log, and the iterations
+    dispatch_bytes: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    iterations_since_log: int = 0
 
 
 _S = _State()
@@ -123,6 +132,16 @@ def attach(model) -> None:
             counts.n_nodes = max(int(counts.expert_node.max()), counts.own_node) + 1
         _S.routers[module] = counts
         module.register_forward_hook(_count)
+    for module in model.modules():           # dispatchers that count their bytes (node_limited)
+        dispatcher = getattr(module, "token_dispatcher", None)
+        if dispatcher is not None and hasattr(dispatcher, "last_bytes"):
+            module.register_forward_hook(_count_bytes)
+
+
+def _count_bytes(moe_layer, inputs, output) -> None:
+    if moe_layer.training and torch.is_grad_enabled():
+        sent = moe_layer.token_dispatcher.last_bytes
+        _S.dispatch_bytes += torch.tensor([float(sent["cross_node"]), float(sent["intra_node"])])
 
 
 def _count(router, inputs, output) -> None:
@@ -209,6 +228,7 @@ def expert_scalars(stats: dict, per_expert: bool, with_cross: bool) -> dict:
             assignments = sum(s["load"].sum() for s in stats.values())
             out["moe/cross_node_share"] = float(cross[0] / max(assignments, 1))
             out["moe/remote_nodes_per_token"] = float(cross[1] / cross[2])
+            out["moe/remote_experts_per_token"] = float(cross[0] / cross[2])
     return out
 
 
@@ -300,6 +320,14 @@ def _expert_section(config) -> tuple[dict, dict, list[str]]:
     if not with_cross:
         _tell_once("rpn", "cross-node routing metric off: ranks per node unknown (--ranks-per-node)")
     scalars = expert_scalars(stats, len(stats) * config.n_routed_experts <= _PER_EXPERT_LIMIT, with_cross)
+    if config.token_dispatcher is not None:        # bytes a registered dispatcher says it sent
+        sent = _S.dispatch_bytes.clone()
+        torch.distributed.all_reduce(sent)
+        per_iteration = sent / max(_S.iterations_since_log, 1)
+        scalars["moe/dispatch_bytes_cross_node"] = float(per_iteration[0])
+        scalars["moe/dispatch_bytes_intra_node"] = float(per_iteration[1])
+        _S.dispatch_bytes.zero_()
+    _S.iterations_since_log = 0
     images = {}
     if _is_last_rank() and stats:
         images["moe/load_heatmap"] = load_heatmap(stats, config.num_layers)
@@ -344,6 +372,7 @@ def on_iteration(*, iteration, loss_dict, learning_rate, grad_norm, skipped_iter
     scalars.update(_perf_scalars(args, config, seconds))
 
     images, console = {}, []
+    _S.iterations_since_log += 1
     if iteration % args.log_interval == 0:
         if config.num_moe_experts:
             expert_scalars_, images, console = _expert_section(config)
