@@ -10,8 +10,8 @@ EOD = 127          # the document separator of the packed test sequences (vocab 
 DOCS = [[7, 10, 7], [12, 5, 7]]
 #: Recompute sets compared with no recomputation (Megatron-Core names; "layernorm" needs TE: see
 #: test_layernorm_recompute_of_the_latent_norms).
-RECOMPUTE_SETS = [["core_attn"], ["mla_up_proj"], ["mla_up_proj", "core_attn"], ["mlp"], ["moe"],
-                  ["shared_experts"], ["mla_up_proj", "core_attn", "mlp", "moe", "shared_experts"]]
+RECOMPUTE_SETS = [["core_attn"], ["mla_up_proj"], ["mla_up_proj", "core_attn"], ["layernorm"], ["mlp"], ["moe"],
+                  ["shared_experts"], ["mla_up_proj", "core_attn", "layernorm", "mlp", "moe", "shared_experts"]]
 
 
 def packed_batch(seed: int = 0):
@@ -90,6 +90,22 @@ def same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def worst_rel(got: dict, ref: dict) -> float:
+    """max over tensors of max |got - ref| / max |ref|."""
+    assert set(got) == set(ref), sorted(set(got) ^ set(ref))[:3]
+    return max(((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-30)).item() for k in ref)
+
+
+def grads_match(modules, got: dict, ref: dict) -> bool:
+    """Bit-identical, except with core_attn and layernorm: Megatron's checkpoints there (reentrant,
+    and CheckpointWithoutOutput) run their backward as a nested autograd call, which may change the
+    order in which a tensor with several consumers (the embedding, the residual stream) sums its
+    gradient contributions: fp32 rounding (seen: 6e-7)."""
+    if {"core_attn", "layernorm"} & set(modules):
+        return worst_rel(got, ref) <= 1e-6
+    return same(got, ref)
+
+
 def tp2_body(rank: int, ckpt: str, ref_path: str, out_path: str):
     """TP2 + SP: packed documents vs the world-1 per-document logits; recomputation with dropout on
     gives the gradients of no recomputation."""
@@ -113,7 +129,8 @@ def tp2_body(rank: int, ckpt: str, ref_path: str, out_path: str):
     got = train_step(hf.load(ckpt, **drop, recompute_granularity="selective", recompute_modules=everything),
                      ref["ids"], labels, ref["mask"])
     report["recompute_loss_equal"] = bool(torch.equal(base[0], got[0]))
-    report["recompute_grads_equal"] = same(base[1], got[1])
+    report["recompute_grad_rel"] = worst_rel(got[1], base[1])
+    report["recompute_grads_equal"] = grads_match(everything, got[1], base[1])
     report["recompute_counts_equal"] = same(base[2], got[2])
     report["dropout_changes_loss"] = not torch.equal(base[0], train_step(hf.load(ckpt), ref["ids"], labels,
                                                                            ref["mask"])[0])

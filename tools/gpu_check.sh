@@ -30,3 +30,9 @@ if grep -q "^TE" "$OUT/te.txt"; then
   echo "fp8 launcher run: exit $?" | tee -a "$OUT/summary.txt"
 fi
 tail -3 "$OUT"/train_*.jsonl 2>/dev/null | cut -c1-300
+
+# Pipeline schedules (issue 11): 1F1B, DualPipe, DualPipeV on 4 gloo ranks at equal global batch, on the
+# device machine's CPU cores with CUDA hidden (4 ranks no longer share 2 cores); table + JSON.
+CUDA_VISIBLE_DEVICES= MEGATRON_DSV3_CPU=1 $PY -W ignore tools/bench_schedules.py --ranks 4 --global-batch 16 \
+  --steps 6 --json "$OUT/bench_schedules.json" > "$OUT/bench_schedules.txt" 2>&1
+echo "schedule benchmark: exit $?" | tee -a "$OUT/summary.txt"; tail -5 "$OUT/bench_schedules.txt"

@@ -6,6 +6,9 @@ the three global tensors. ``{h}``: HF layer prefix ``model.layers.{L}.``; ``{m}`
 
 shard: rep (same on every rank) | col (TP dim 0) | row (TP dim 1) | glu (gate;up, TP dim 0 each)
        expert_glu / expert_row (expert e on its EP rank, expert-TP like glu / row)
+fp8:   DeepSeek's released checkpoint stores it as float8_e4m3 with a 128x128 ``weight_scale_inv``
+       (the decoder layers' linears, experts included, also inside MTP; not the router gate,
+       embedding, head, eh_proj or norms)
 """
 from __future__ import annotations
 
@@ -31,30 +34,31 @@ class Key:
     ours: str
     shard: str
     when: str = "always"   # always | q_lora | no_q_lora | dense | moe | shared | bias | mtp
+    fp8: bool = False      # FP8 + weight_scale_inv in DeepSeek's release
 
 
 LAYER_KEYS: list[Key] = [
     Key(("{h}input_layernorm.weight",), "{m}input_layernorm.weight", "rep"),
-    Key(("{h}self_attn.q_proj.weight",), "{m}self_attention.linear_q_proj.weight", "col", "no_q_lora"),
-    Key(("{h}self_attn.q_a_proj.weight",), "{m}self_attention.linear_q_down_proj.weight", "rep", "q_lora"),
+    Key(("{h}self_attn.q_proj.weight",), "{m}self_attention.linear_q_proj.weight", "col", "no_q_lora", fp8=True),
+    Key(("{h}self_attn.q_a_proj.weight",), "{m}self_attention.linear_q_down_proj.weight", "rep", "q_lora", fp8=True),
     Key(("{h}self_attn.q_a_layernorm.weight",), "{m}self_attention.q_layernorm.weight", "rep", "q_lora"),
-    Key(("{h}self_attn.q_b_proj.weight",), "{m}self_attention.linear_q_up_proj.weight", "col", "q_lora"),
-    Key(("{h}self_attn.kv_a_proj_with_mqa.weight",), "{m}self_attention.linear_kv_down_proj.weight", "rep"),
+    Key(("{h}self_attn.q_b_proj.weight",), "{m}self_attention.linear_q_up_proj.weight", "col", "q_lora", fp8=True),
+    Key(("{h}self_attn.kv_a_proj_with_mqa.weight",), "{m}self_attention.linear_kv_down_proj.weight", "rep", fp8=True),
     Key(("{h}self_attn.kv_a_layernorm.weight",), "{m}self_attention.kv_layernorm.weight", "rep"),
-    Key(("{h}self_attn.kv_b_proj.weight",), "{m}self_attention.linear_kv_up_proj.weight", "col"),
-    Key(("{h}self_attn.o_proj.weight",), "{m}self_attention.linear_proj.weight", "row"),
+    Key(("{h}self_attn.kv_b_proj.weight",), "{m}self_attention.linear_kv_up_proj.weight", "col", fp8=True),
+    Key(("{h}self_attn.o_proj.weight",), "{m}self_attention.linear_proj.weight", "row", fp8=True),
     Key(("{h}post_attention_layernorm.weight",), "{m}pre_mlp_layernorm.weight", "rep"),
-    Key(("{h}mlp.gate_proj.weight", "{h}mlp.up_proj.weight"), "{m}mlp.linear_fc1.weight", "glu", "dense"),
-    Key(("{h}mlp.down_proj.weight",), "{m}mlp.linear_fc2.weight", "row", "dense"),
+    Key(("{h}mlp.gate_proj.weight", "{h}mlp.up_proj.weight"), "{m}mlp.linear_fc1.weight", "glu", "dense", fp8=True),
+    Key(("{h}mlp.down_proj.weight",), "{m}mlp.linear_fc2.weight", "row", "dense", fp8=True),
     Key(("{h}mlp.gate.weight",), "{m}mlp.router.weight", "rep", "moe"),
     Key(("{h}mlp.gate.e_score_correction_bias",), "{m}mlp.router.expert_bias", "rep", "bias"),
     Key(("{h}mlp.experts.{e}.gate_proj.weight", "{h}mlp.experts.{e}.up_proj.weight"),
-        "{m}mlp.experts.local_experts.{le}.linear_fc1.weight", "expert_glu", "moe"),
+        "{m}mlp.experts.local_experts.{le}.linear_fc1.weight", "expert_glu", "moe", fp8=True),
     Key(("{h}mlp.experts.{e}.down_proj.weight",),
-        "{m}mlp.experts.local_experts.{le}.linear_fc2.weight", "expert_row", "moe"),
+        "{m}mlp.experts.local_experts.{le}.linear_fc2.weight", "expert_row", "moe", fp8=True),
     Key(("{h}mlp.shared_experts.gate_proj.weight", "{h}mlp.shared_experts.up_proj.weight"),
-        "{m}mlp.shared_experts.linear_fc1.weight", "glu", "shared"),
-    Key(("{h}mlp.shared_experts.down_proj.weight",), "{m}mlp.shared_experts.linear_fc2.weight", "row", "shared"),
+        "{m}mlp.shared_experts.linear_fc1.weight", "glu", "shared", fp8=True),
+    Key(("{h}mlp.shared_experts.down_proj.weight",), "{m}mlp.shared_experts.linear_fc2.weight", "row", "shared", fp8=True),
     # MTP module only (the decoder layer inside it uses the keys above)
     Key(("{h}enorm.weight",), "{k}enorm.weight", "rep", "mtp"),
     Key(("{h}hnorm.weight",), "{k}hnorm.weight", "rep", "mtp"),

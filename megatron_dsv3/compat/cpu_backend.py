@@ -23,7 +23,8 @@ that do not name a CUDA device.
 
 The patches (``../shared/megatron-core-cpu.md`` measured why each exists):
 
-- ``cuda_rng_on_cpu``        the TP "CUDA" RNG tracker keeps CPU generator states.
+- ``cuda_rng_on_cpu``        the TP "CUDA" RNG tracker keeps CPU generator states (and its warning that
+                             the CPU state changed inside a fork, always true here, is dropped).
 - ``cuda_current_device``    ``torch.cuda.current_device()`` answers the CPU device (it is passed as
                              ``device=`` throughout Megatron-Core, also inside backward passes).
 - ``cuda_tensor_methods``    ``Tensor.cuda()`` / ``Module.cuda()`` keep the CPU (on a CPU-only torch
@@ -43,6 +44,10 @@ Training-loop patches (``enable(training=True)``, which also applies ``typing_ov
 - ``pretrain_without_cuda``  ``initialize_megatron`` asserts CUDA and only builds the model-parallel
                              groups and seeds the RNG tracker when ``torch.cuda.device_count() > 0``:
                              it runs with ``allow_no_cuda`` and sees one (CPU) device while it runs.
+- ``data_loader_generator``  every ``iter(DataLoader)`` draws its base seed from the default generator,
+                             which on CPU is also the "CUDA" one (dropout): each loader gets its own
+                             generator seeded from ``--seed``, so resumed runs draw dropout masks exactly
+                             as uninterrupted ones.
 - ``device_arch_version``    ``validate_args`` asks the GPU architecture when TP > 1: on CPU it is 0
                              (pre-Hopper rules: ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set).
 - ``cpu_arguments``          Megatron's ``validate_args`` first applies :data:`CPU_SETTINGS` (gloo,
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import sys
 import types
@@ -126,6 +132,13 @@ def apply_cpu_settings(args: argparse.Namespace, given=None, defaults=None) -> l
 # --------------------------------------------------------------------------------------------
 # cuda_rng_on_cpu
 # --------------------------------------------------------------------------------------------
+class _DropSameGeneratorWarning(logging.Filter):
+    """On CPU the "CUDA" and CPU generators are one: the tracker's fork always changes the CPU state."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in str(record.msg)
+
+
 def _install_rng(patch: Patch) -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -140,6 +153,8 @@ def _install_rng(patch: Patch) -> None:
     patch.set(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
     patch.set(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
     patch.set(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    logger = logging.getLogger("megatron.core.tensor_parallel.random")
+    patch.set(logger, "filters", [*logger.filters, _DropSameGeneratorWarning()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +433,21 @@ def _install_initialize_megatron(patch: Patch) -> None:
     patch.set(training, "initialize_megatron", initialize_megatron)
 
 
+def _install_data_loader_generator(patch: Patch) -> None:
+    from megatron.training import get_args, training
+
+    original = resolve("megatron.training.datasets.data_samplers:build_pretraining_data_loader")
+
+    @functools.wraps(original)
+    def build_pretraining_data_loader(dataset, consumed_samples):
+        loader = original(dataset, consumed_samples)
+        if loader is not None:
+            loader.generator = torch.Generator().manual_seed(get_args().seed)
+        return loader
+
+    patch.set(training, "build_pretraining_data_loader", build_pretraining_data_loader)
+
+
 def _install_device_arch(patch: Patch) -> None:
     from megatron.training import arguments
 
@@ -473,6 +503,11 @@ TRAINING_PATCHES: list[Patch] = [
            "megatron.training.initialize:_initialize_distributed": "2d35a7d2bdc2",
            "megatron.training.initialize:_set_random_seed": "dfebce4bdd82",
            "megatron.training.training:pretrain": "49596e6f0eee"}),
+    Patch("data_loader_generator", "on CPU the 'CUDA' generator is the CPU default generator, from which every "
+          "iter(DataLoader) draws its base seed: a resumed run would draw at another point of the dropout "
+          "stream", _install_data_loader_generator,
+          {"megatron.training.datasets.data_samplers:build_pretraining_data_loader": "136fe150dcbc",
+           "megatron.training.training:build_train_valid_test_data_loaders": "31f5bffad207"}),
     Patch("device_arch_version", "validate_args reads the GPU architecture when TP > 1", _install_device_arch,
           {"megatron.training.utils.common_utils:get_device_arch_version": "1c0d596af5b2",
            "megatron.training.arguments:validate_args": "702f3a4a50c4"}),

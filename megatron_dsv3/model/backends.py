@@ -25,6 +25,9 @@ class Backend:
     duplicated: type
     norm: type
     experts: object
+    #: the MTP module's eh_proj when it must differ from ``duplicated`` (FP8 emulation keeps it in the
+    #: training precision, as the TE build does: it runs outside the FP8 context); None = ``duplicated``
+    mtp_proj: object = None
 
 
 def require_te():
@@ -63,7 +66,36 @@ def te_backend(config) -> Backend:
 
 
 def backend_for(config) -> Backend:
-    """The backend ``config.transformer_impl`` names."""
+    """The backend ``config.transformer_impl`` names (local with emulated FP8 GEMMs when the config is
+    marked by :func:`megatron_dsv3.model.fp8_emulation.enable`, i.e. ``--fp8-emulation``)."""
+    from . import fp8_emulation
+
+    if fp8_emulation.enabled(config):
+        return fp8_emulation.fp8_emulation_backend(config)
     if config.transformer_impl == "transformer_engine":
         return te_backend(config)
     return local_backend(config)
+
+
+def mtp_decoder_layer(config, layer: type) -> type:
+    """The class of the MTP depth's decoder layer. With FP8 on Transformer Engine, Megatron-Core's own MTP
+    layer runs its decoder layer inside ``get_fp8_context(config)``; our DSv3MTPLayer replaces that class, so
+    the layer enters the context itself (its eh_proj stays outside: BF16, as in the released FP8 checkpoint).
+    """
+    if not getattr(config, "fp8", None) or config.transformer_impl != "transformer_engine":
+        return layer
+    return _fp8_context_layer(layer)
+
+
+def _fp8_context_layer(layer: type) -> type:  # pragma: no cover - GPU + Transformer Engine only
+    class FP8ContextLayer(layer):
+        """``layer`` whose forward runs inside Megatron-Core's FP8 context (``get_fp8_context``)."""
+
+        def forward(self, *args, **kwargs):
+            from megatron.core.fp8_utils import get_fp8_context
+
+            with get_fp8_context(self.config):
+                return super().forward(*args, **kwargs)
+
+    FP8ContextLayer.__name__ = FP8ContextLayer.__qualname__ = f"FP8Context{layer.__name__}"
+    return FP8ContextLayer

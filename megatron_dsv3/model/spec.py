@@ -35,10 +35,10 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from ..compat import patches
-from ..compat.patches import quiet_gpt_deprecation
+from ..compat.patches import checkpoint_without_output_fp8, quiet_gpt_deprecation
 from ..config import DSv3Config
 from ..registry import SPECS, register
-from .backends import backend_for
+from .backends import backend_for, mtp_decoder_layer
 from .mla import MLASubmodules, MultiLatentAttention
 from .moe import DSv3MoELayer
 from .mtp import mtp_layer_spec
@@ -113,8 +113,10 @@ def get_dsv3_mtp_block_spec(config: DSv3Config, vp_stage: Optional[int] = None,
     if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage, pp_rank) == 0:
         return None
     b = backend_for(config)
-    layer = mtp_layer_spec(get_dsv3_layer_spec(config, moe=True, topology=topology), norm=b.norm,
-                           linear=b.duplicated)
+    decoder = get_dsv3_layer_spec(config, moe=True, topology=topology)
+    decoder = ModuleSpec(module=mtp_decoder_layer(config, decoder.module), params=decoder.params,
+                         submodules=decoder.submodules)       # FP8 context on TE (backends.py)
+    layer = mtp_layer_spec(decoder, norm=b.norm, linear=b.mtp_proj or b.duplicated)
     return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
 
 
@@ -123,7 +125,7 @@ def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: b
     """A DeepSeek-V3 GPTModel (this rank's pipeline stage) on the current parallel state.
 
     Collective when the token dispatcher needs a node topology (every rank must call it)."""
-    patches.apply([quiet_gpt_deprecation.PATCH])
+    patches.apply([quiet_gpt_deprecation.PATCH, checkpoint_without_output_fp8.PATCH])
     topology = build_topology(config, pg_collection)
     return GPTModel(
         config=config,

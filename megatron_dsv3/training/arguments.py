@@ -62,6 +62,11 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-dispatch-fp8", action="store_true",
                    help="node_limited dispatcher: send dispatched activations as FP8 e4m3 with one scale "
                         "per 1x128 tile (report sec. 3.3); combine stays in the training dtype")
+    g.add_argument("--fp8-emulation", action="store_true",
+                   help="emulate DeepSeek-V3's FP8 recipe on the local layers (CPU or any device): e4m3 GEMM "
+                        "inputs, activations per 1x128 tile, weights per 128x128 block, in Fprop, Dgrad and "
+                        "Wgrad, fp32 accumulation; embedding, head, router, norms, attention core and MTP "
+                        "eh_proj stay in the training precision (megatron_dsv3/model/fp8_emulation.py)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device, for MFU on devices not in "
                         "megatron_dsv3.training.flops.PEAK_TFLOPS")
@@ -358,4 +363,9 @@ def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = No
     kwargs.update(fields)
     kwargs["vocab_size"] = args.padded_vocab_size
     kwargs["ranks_per_node"] = args.ranks_per_node
-    return DSv3Config(**kwargs)
+    config = DSv3Config(**kwargs)
+    if getattr(args, "fp8_emulation", False):        # --fp8-emulation: the emulated-FP8 layers
+        from ..model import fp8_emulation
+
+        fp8_emulation.enable(config)
+    return config

@@ -18,6 +18,7 @@ from ..config import DSv3ConfigError, check_parallel_layout, has_moe
 from ..config.mapping import fixed_flags, flag_name
 from .arguments import LaunchError
 from .flag_audit import check_flags
+from .fp8 import check_fp8
 from .safety import check_checkpoint_launch
 
 
@@ -27,6 +28,7 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
     _check_numbers(args, fields)
     _check_parallel(args, fields)
     _check_backend(args, given)
+    check_fp8(args, given)               # FP8 recipe / Transformer Engine / emulation (training/fp8.py)
     _check_attention_features(args)      # document mask, selective recomputation (model/mla.py)
     _check_world_and_batch(args)
     _check_distributed_optimizer(args)
@@ -268,11 +270,6 @@ def _check_attention_features(args) -> None:
         raise LaunchError("--recompute-modules moe_act: Megatron-Core recomputes the expert activation only "
                           "in Transformer Engine's grouped-GEMM experts; add --moe-grouped-gemm on a Transformer "
                           "Engine install (not --cpu) or drop moe_act")
-    if "layernorm" in modules and not has_te:
-        raise LaunchError("--recompute-modules layernorm needs Transformer Engine: Megatron-Core 0.19.2's "
-                          "TransformerLayer builds CheckpointWithoutOutput() whose default fp8=False it reads "
-                          "as FP8 on, and the first step fails without TE (NameError FP8GlobalStateManager). "
-                          "Drop layernorm (mla_up_proj also recomputes MLA's latent RMSNorms) or install TE")
     if {"layernorm", "mla_up_proj"} & set(modules):
         from torch.utils.cpp_extension import verify_ninja_availability
 

@@ -127,19 +127,23 @@ _ATTENTION = [
          "our MLA's per-head output width is --v-head-dim (the launcher sets --kv-channels to it); "
          "accepted only equal to it: give --v-head-dim instead", "attention", example=("7",),
          refuse_when=lambda a, f, v, d: v is not None and v != f.get("v_head_dim")),
-    Flag("--attention-dropout", REFUSED,
-         "our MLA applies no dropout to the attention probabilities yet (DeepSeek-V3 trains without; the "
-         "launcher sets 0); drop it or give 0", "attention", example=("0.1",),
-         refuse_when=lambda a, f, v, d: bool(v)),
-    Flag("--reset-attention-mask", REFUSED,
-         "our MLA attends causally over the whole packed sequence (no per-document mask yet); drop "
-         "--reset-attention-mask", "attention"),
-    Flag("--reset-position-ids", REFUSED,
-         "our MLA's RoPE uses positions 0..s-1 of the packed sequence (no per-document reset yet); drop "
-         "--reset-position-ids", "attention"),
+    Flag("--attention-dropout", HONOURED,
+         "megatron_dsv3.model.mla: dropout on the attention probabilities inside SDPA, drawn from Megatron's "
+         "model-parallel RNG stream (resumes exactly; DeepSeek-V3 trains without, the launcher sets 0 unless "
+         "given)", "attention"),
+    Flag("--reset-attention-mask", HONOURED,
+         "megatron_dsv3.model.mla: the dataset's document mask (built on every pipeline stage) limits "
+         "attention to each document: a packed sequence gives each document's logits run alone", "attention"),
+    Flag("--reset-position-ids", HONOURED,
+         "with --reset-attention-mask (refused without it): RoPE is relative, so per-document positions give "
+         "the same scores; the launch checks say why", "attention"),
     Flag("--no-create-attention-mask-in-dataloader", NO_EFFECT,
-         "our MLA is causal by construction and reads no mask; the data provider never builds one, "
-         "which is what this flag asks", "attention", dest="create_attention_mask_in_dataloader"),
+         "the data provider builds the document mask exactly when --reset-attention-mask asks for it and "
+         "none otherwise (our MLA is causal by construction); refused with --reset-attention-mask, which "
+         "needs the mask", "attention", dest="create_attention_mask_in_dataloader",
+         refuse_when=lambda a, f, v, d: v is False and bool(a.reset_attention_mask),
+         error="--reset-attention-mask needs the document mask the data loader builds; drop "
+               "--no-create-attention-mask-in-dataloader", example=("--reset-attention-mask",)),
     Flag("--add-qkv-bias", REFUSED, "DeepSeek-V3 projections have no bias; drop --add-qkv-bias", "attention"),
     Flag("--qk-l2-norm", REFUSED,
          "DeepSeek-V3 RMS-normalises the q and kv latents (fixed), not q/k per head; drop --qk-l2-norm",
@@ -462,9 +466,11 @@ _RECOMPUTE = [
     Flag("--recompute-num-layers", HONOURED,
          "Megatron's TransformerBlock (kept), with --recompute-granularity full", "recompute"),
     Flag("--recompute-modules", HONOURED,
-         "core_attn and mla_up_proj by megatron_dsv3.model.mla (validated there); layernorm and mlp by "
-         "Megatron's TransformerLayer; moe, shared_experts and moe_act (with --moe-grouped-gemm) by "
-         "Megatron's MoELayer / experts", "recompute"),
+         "core_attn and mla_up_proj by megatron_dsv3.model.mla (validated in the launch checks); layernorm "
+         "by Megatron's TransformerLayer (input / pre-MLP norms) and our MLA (latent norms; without "
+         "Transformer Engine through patch checkpoint_without_output_fp8); mlp by Megatron's TransformerLayer; "
+         "moe, shared_experts and moe_act (with --moe-grouped-gemm on TE) by Megatron's MoELayer / experts",
+         "recompute"),
     Flag("--recompute-activations", HONOURED, "= --recompute-granularity selective (Megatron-LM)", "recompute"),
     Flag("--distribute-saved-activations", HONOURED,
          "Megatron's checkpoint function, used by TransformerBlock's full recomputation (Megatron-LM "
@@ -500,6 +506,41 @@ _FUSION = [
          error="fuses Transformer Engine's grouped expert GEMMs; give --moe-grouped-gemm with "
                "--transformer-impl transformer_engine, or drop it",
          example=("--transformer-impl", "local")),
+]
+
+_FP8_RULES = "training/fp8.py"
+
+_FP8 = [
+    Flag("--fp8-format", HONOURED,
+         "the Transformer Engine layers of our spec (model/backends.py) run under Megatron-Core's fp8_autocast: "
+         "MLA projections, dense FFN, routed and shared experts, the MTP decoder layer; embedding, output head, "
+         "MoE gate, RMSNorms, attention core and MTP eh_proj stay BF16 (report sec. 3.3). Refused with local "
+         f"layers (use --fp8-emulation), --cpu, without TE, or on a GPU / TE lacking the recipe ({_FP8_RULES})",
+         "fp8", dest="fp8"),
+    Flag("--fp8-recipe", HONOURED,
+         "delayed, tensorwise or blockwise (the report's: 1x128 activation tiles, 128x128 weight blocks) through "
+         f"Megatron-Core's get_fp8_recipe; mxfp8 and custom are refused, and so is a recipe without --fp8-format "
+         f"or --fp8-emulation ({_FP8_RULES})", "fp8"),
+    *_family(("--fp8-margin", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), HONOURED,
+             "Megatron-Core's TEDelayedScaling (--fp8-recipe delayed) on our Transformer Engine layers", "fp8"),
+    Flag("--no-fp8-wgrad", HONOURED,
+         "Megatron-Core's TEDelayedScaling keeps Wgrad in BF16 (delayed recipe); refused with --fp8-emulation, "
+         f"which runs Wgrad in FP8 as the report does ({_FP8_RULES})", "fp8", dest="fp8_wgrad"),
+    Flag("--fp8-interval", NO_EFFECT,
+         "deprecated in Megatron-Core and ignored by Transformer Engine >= 1.8", "fp8"),
+    Flag("--fp8-output-proj", REFUSED,
+         "runs the output head in FP8 (Megatron-Core: mxfp8 only); DeepSeek-V3 keeps the head in BF16 (report "
+         "sec. 3.3.1). Drop it", "fp8"),
+    Flag("--fp8-quantizer-factory", REFUSED,
+         "belongs to --fp8-recipe custom, which is not offered with our specs; use delayed, tensorwise or "
+         "blockwise and drop it", "fp8", example=("pkg.quantizer_factory",)),
+    *_family(("--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "--num-layers-at-end-in-bf16"),
+             HONOURED,
+             "Megatron-Core's TransformerBlock leaves those decoder layers out of the FP8 context (with "
+             f"--fp8-format, not with the delayed recipe: {_FP8_RULES})", "fp8"),
+    Flag("--fp8-param-gather", HONOURED,
+         "Transformer Engine FP8 parameters with Megatron-Core's distributed optimizer (kept); refused with "
+         f"--fp8-emulation ({_FP8_RULES})", "fp8"),
 ]
 
 _ATTN_OFFLOAD = {"core_attn", "attn_proj", "qkv_linear"}
@@ -546,7 +587,7 @@ _OTHER = [
 
 #: The audited flags written here (the mapping table's rows are added by :func:`audit`).
 AUDIT_EXPLICIT: tuple[Flag, ...] = tuple(_ATTENTION + _ROPE + _NORM + _MLP + _MOE + _MTP + _RECOMPUTE
-                                         + _FUSION + _OTHER)
+                                         + _FUSION + _FP8 + _OTHER)
 
 _AREA_OF_ROW = {"rotary": "rope", "mscale": "rope", "yarn": "rope", "rope": "rope", "moe": "moe",
                 "num_experts": "moe", "n_shared": "moe", "first_k": "moe", "norm_topk": "moe", "mtp": "mtp",
@@ -634,7 +675,7 @@ def check_flags(args: argparse.Namespace, given: set[str], fields: Mapping) -> N
 # ----------------------------------------------------------------------------------------------
 # The README table
 # ----------------------------------------------------------------------------------------------
-_AREAS = ("attention", "rope", "norm", "mlp", "moe", "mtp", "recompute", "fusion", "offload", "graphs",
+_AREAS = ("attention", "rope", "norm", "mlp", "moe", "mtp", "recompute", "fusion", "fp8", "offload", "graphs",
           "backend", "model")
 
 

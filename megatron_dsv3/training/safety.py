@@ -7,7 +7,7 @@ At launch (no process group yet; :func:`check_checkpoint_launch`, :func:`launch_
   A ``--load`` without a checkpoint is allowed only as Megatron's auto-resume pattern (``--load X
   --save X``: the first launch starts fresh, said on the console), with ``--allow-fresh-start``, or
   with ``--pretrained-checkpoint`` (Megatron's fine-tuning fallback, which must hold one). With
-  ``--export-hf`` it is always an error.
+  ``--export-hf`` or ``--exit-on-missing-checkpoint`` it is always an error.
 - ``--save DIR`` must be a directory that exists or can be created, and writable; a ``--save`` that
   already holds checkpoints is refused unless this run resumes from it (``--load`` the same
   directory, without ``--finetune``), naming its latest iteration: a fresh run would overwrite them.
@@ -441,11 +441,7 @@ def disk_full(exc: BaseException, path: str, logged: Iterable[str] = ()) -> Opti
     error messages (Megatron's writer threads log the OSError and raise an exception that keeps only
     its class); torch's C++ writer loses the errno ("unexpected pos ..."), so its failures count as
     a full disk when less than 64 MiB are left on ``path``."""
-    for message in logged:
-        m = re.search(r"No space left on device(?:: '([^']*)')?", message)
-        if m or "[Errno 28]" in message:
-            return (m.group(1) if m else None) or ""
-    seen, stack, writer_failed = set(), [exc], False
+    seen, stack, texts, writer_failed = set(), [exc], list(logged), False
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -453,16 +449,18 @@ def disk_full(exc: BaseException, path: str, logged: Iterable[str] = ()) -> Opti
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return e.filename or ""
-        text = str(e)
-        if "No space left on device" in text or "[Errno 28]" in text:
-            return ""
-        writer_failed = writer_failed or bool(_WRITER_FAILURE.search(text))
+        texts.append(str(e))
+        writer_failed = writer_failed or bool(_WRITER_FAILURE.search(texts[-1]))
         stack += [e.__cause__, e.__context__]
         stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             for value in failures.values():
                 stack += [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, BaseException)]
+    for text in texts:
+        m = re.search(r"No space left on device(?:: '([^']*)')?", text)
+        if m or "[Errno 28]" in text:
+            return (m.group(1) if m else None) or ""
     if writer_failed:
         probe = path
         while probe and not os.path.exists(probe):

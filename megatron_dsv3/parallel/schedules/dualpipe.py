@@ -365,11 +365,12 @@ class Schedule:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dp = world // max(1, n * args.tensor_model_parallel_size * (args.context_parallel_size or 1))
         mbs, gbs = args.micro_batch_size, args.global_batch_size
-        batches = [("--global-batch-size", gbs)]
+        batches = [(f"--global-batch-size {gbs}", gbs)]
         steps = getattr(args, "step_batch_size_schedule", None)
         if steps:                          # every batch size of the schedule must fit the schedule
-            batches = [("--step-batch-size-schedule", int(part.split(":")[1])) for part in steps.split()]
-        for flag, batch in batches:
+            batches = [(f"--step-batch-size-schedule {steps!r} (global batch {b})", b)
+                       for b in (int(part.split(":")[1]) for part in steps.split())]
+        for what, batch in batches:
             if batch is None or not mbs or not dp or batch % (mbs * dp):
                 continue                    # Megatron's own check refuses it
             m = batch // (mbs * dp)
@@ -377,8 +378,8 @@ class Schedule:
                 order.validate(name, n, m)
             except order.OrderError as e:
                 raise ScheduleLaunchError(
-                    f"{flag}: a global batch of {batch} is {m} micro-batches per step (--micro-batch-size "
-                    f"{mbs}, data-parallel size {dp}); {e}") from None
+                    f"{what}: {m} micro-batches per step (--micro-batch-size {mbs}, data-parallel size {dp}); "
+                    f"{e}") from None
 
 
 DUALPIPE = register(SCHEDULES, "dualpipe")(Schedule("dualpipe"))
