@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # megatron-dsv3 quickstart: train a tiny DeepSeek-V3 (MLA + aux-loss-free MoE + MTP) on 4 CPU ranks
-# with gloo, on Megatron-Core's own training loop, with TP=2, PP=2 and EP=2 at once.
+# with gloo, on Megatron-Core's own training loop, with TP=2, PP=2 and EP=2 at once, the pipeline run by
+# DeepSeek's DualPipe schedule and the experts' tokens moved by the node-limited all-to-all (each rank
+# plays one node: --ranks-per-node 1, routing groups = the 2 nodes of an EP group, M = 1).
 #
 #   bash examples/quickstart_cpu.sh                 # everything under runs/quickstart
 #   OUTPUT_DIR=/tmp/qs ITERS=300 bash examples/quickstart_cpu.sh
@@ -33,8 +35,9 @@ grep -E "^(corpus|tokenizer):" "$OUTPUT_DIR/data.log" || true
 MODEL=(--cpu --dsv3-preset tiny --num-layers 4 --seq-length 128 --max-position-embeddings 128
        --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUTPUT_DIR/data/tokenizer")
 PARALLEL=(--tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 2
-          --expert-model-parallel-size 2 --expert-tensor-parallel-size 1
-          --moe-token-dispatcher-type alltoall --ranks-per-node 1)
+          --pipeline-schedule dualpipe --expert-model-parallel-size 2 --expert-tensor-parallel-size 1
+          --moe-token-dispatcher-type node_limited --ranks-per-node 1
+          --moe-router-num-groups 2 --moe-router-group-topk 1)
 TRAIN=(--micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" --lr 3e-3 --min-lr 3e-4
        --lr-decay-style cosine --lr-warmup-iters 10 --clip-grad 1.0 --weight-decay 0.1 --seed 1234
        --moe-router-bias-update-schedule "0:0.001,$(( ITERS * 16 * 128 * 9 / 10 )):0"
@@ -44,7 +47,7 @@ OUT=(--save "$OUTPUT_DIR/checkpoints" --save-interval 50 --log-interval 10
      --wandb-project megatron-dsv3-quickstart --wandb-exp-name quickstart --wandb-save-dir "$OUTPUT_DIR/wandb"
      --metrics-jsonl "$OUTPUT_DIR/metrics.jsonl")
 
-echo "[quickstart] training on $NPROC gloo ranks (TP2 x PP2, EP2) -> $OUTPUT_DIR/train.log"
+echo "[quickstart] training on $NPROC gloo ranks (TP2 x PP2 with DualPipe, EP2 with node-limited dispatch) -> $OUTPUT_DIR/train.log"
 "$PY" -m torch.distributed.run --nproc-per-node $NPROC --master-port "${MASTER_PORT:-29517}" \
   -m megatron_dsv3.pretrain "${MODEL[@]}" "${PARALLEL[@]}" "${TRAIN[@]}" "${OUT[@]}" 2>&1 \
   | tee "$OUTPUT_DIR/train.log" \
@@ -54,7 +57,8 @@ echo "[quickstart] training on $NPROC gloo ranks (TP2 x PP2, EP2) -> $OUTPUT_DIR
 
 echo "[quickstart] exporting the last checkpoint as HF DeepSeek-V3 -> $OUTPUT_DIR/hf"
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port "${MASTER_PORT:-29518}" \
-  -m megatron_dsv3.pretrain "${MODEL[@]}" --micro-batch-size 4 --global-batch-size 16 \
+  -m megatron_dsv3.pretrain "${MODEL[@]}" --moe-router-num-groups 2 --moe-router-group-topk 1 \
+  --micro-batch-size 4 --global-batch-size 16 \
   --train-iters "$ITERS" --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 10 \
   --data-path "$OUTPUT_DIR/data/quickstart_text_document" --split 98,2,0 --eval-iters 0 \
   --eval-interval 1000 --load "$OUTPUT_DIR/checkpoints" --export-hf "$OUTPUT_DIR/hf" \
@@ -69,8 +73,11 @@ first, last = rows[0], rows[-1]
 history = read_history(os.path.join(out, "wandb"))
 print(f"\n[quickstart] LM loss: iteration {first['iteration']}: {first['train/lm_loss']:.3f} -> "
       f"iteration {last['iteration']}: {last['train/lm_loss']:.3f}")
-print(f"[quickstart] expert load max violation (mean over layers): {last.get('moe/maxvio_mean', float('nan')):.3f}; "
-      f"cross-node share: {last.get('moe/cross_node_share', float('nan')):.3f}")
+logged = [r for r in rows if "moe/remote_nodes_per_token" in r][-1]
+print(f"[quickstart] expert load max violation (mean over layers): {logged.get('moe/maxvio_mean', float('nan')):.3f}; "
+      f"node-limited dispatch: {logged['moe/remote_nodes_per_token']:.2f} inter-node copies per token "
+      f"(a flat all-to-all: {logged['moe/remote_experts_per_token']:.2f}), "
+      f"{logged.get('moe/dispatch_bytes_cross_node', float('nan')) / 1e6:.2f} MB across nodes per iteration")
 print(f"[quickstart] W&B offline run: {len(history)} metrics, e.g. "
       + ", ".join(k for k in ("train/loss", "train/lm_loss", "train/mtp_loss", "train/seq_balance_loss",
                               "perf/tflops_per_device", "moe/maxvio_mean", "moe/load_heatmap/path",

@@ -32,6 +32,10 @@ DISPATCHERS: dict[str, type | None] = {"alltoall": None, "allgather": None, "fle
 #: ``--pipeline-schedule`` values. None: Megatron-Core's own ``get_forward_backward_func`` (no
 #: pipelining, 1F1B or interleaved 1F1B). A callable: a replacement for that function, taking the same
 #: arguments and returning a forward-backward function with Megatron's keyword-only signature.
+#: Optional attributes of that callable: ``build_model_chunks(build_one, config, pg_collection,
+#: replicated_linears)`` (the model provider lets the schedule place this rank's chunks: DualPipe's two
+#: stages) and ``check_launch(args, fields)`` (raises ValueError naming the flag; called by the
+#: launch checks). ``dualpipe`` / ``dualpipev``: ``parallel/schedules/dualpipe.py``.
 SCHEDULES: dict[str, Callable | None] = {"1f1b": None}
 
 #: Modules whose import registers the built-in entries.

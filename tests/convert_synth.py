@@ -74,16 +74,20 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple]:
     return out
 
 
-def make_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def make_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator, fast: bool = False) -> torch.Tensor:
     if name.endswith("e_score_correction_bias"):
         return 0.1 * torch.randn(shape, generator=gen)                 # fp32 in the release
     if len(shape) == 1:
         return (1 + 0.2 * torch.randn(shape, generator=gen)).to(dtype)
+    if fast:     # (the benchmark's GBs: uniform in the target dtype, no fp32 temporary)
+        bound = 3 ** 0.5 / shape[1] ** 0.5
+        return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=gen)
     return (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(dtype)
 
 
 def write_checkpoint(path: str, cfg: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     shard_bytes: int = 1 << 20, shard_order: list[str] | None = None) -> dict[str, tuple]:
+                     shard_bytes: int = 1 << 20, shard_order: list[str] | None = None,
+                     fast: bool = False) -> dict[str, tuple]:
     """Random weights for ``cfg`` in sharded safetensors (+ index, config.json), one shard in memory
     at a time; the MTP layer's embedding / head copies equal the main ones. Returns the shapes."""
     os.makedirs(path, exist_ok=True)
@@ -111,7 +115,7 @@ def write_checkpoint(path: str, cfg: dict, dtype: torch.dtype = torch.bfloat16, 
     shared = set(copies.values())
 
     def dedicated(n):           # the embedding / head: its own generator, so its MTP copy is equal
-        return make_tensor(n, shapes[n], dtype, torch.Generator().manual_seed(seed + 1000 + len(n)))
+        return make_tensor(n, shapes[n], dtype, torch.Generator().manual_seed(seed + 1000 + len(n)), fast)
 
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -122,7 +126,7 @@ def write_checkpoint(path: str, cfg: dict, dtype: torch.dtype = torch.bfloat16, 
             elif n in shared:
                 state[n] = dedicated(n)
             else:
-                state[n] = make_tensor(n, shapes[n], dtype, gen)
+                state[n] = make_tensor(n, shapes[n], dtype, gen, fast)
         save_file(state, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in group})
         del state

@@ -226,8 +226,9 @@ def test_good_counts_pass_the_launch_checks(no_process_groups, monkeypatch):
     from megatron_dsv3.training import launcher
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    for extra in (["--pipeline-schedule", "dualpipe", "--pipeline-model-parallel-size", "4", "--global-batch-size", "8"],
-                  ["--pipeline-schedule", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size", "9"],
+    pp4 = ["--pipeline-model-parallel-size", "4"]
+    for extra in (["--pipeline-schedule", "dualpipe", *pp4, "--global-batch-size", "8"],
+                  ["--pipeline-schedule", "dualpipev", *pp4, "--global-batch-size", "9"],
                   ["--pipeline-schedule", "dualpipe", "--pipeline-model-parallel-size", "2",
                    "--expert-model-parallel-size", "2", "--global-batch-size", "8"]):
         launcher.prepare([*BASE, "--train-iters", "2", *extra])

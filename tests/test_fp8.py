@@ -164,12 +164,20 @@ def test_fp8_map_of_the_emulated_model(cpu_world):
                  "self_attention.linear_proj", "mlp.linear_fc1", "experts.local_experts.0.linear_fc1",
                  "shared_experts.linear_fc2"):
         assert any(part in n for n in names), part
-    # same weights without emulation: the loss moves, but little
+    # every FP8 layer runs in the forward (no path around the linear classes), experts included
+    called = set()
+    for n, m in model.named_modules():
+        if isinstance(m, fp8_types):
+            m.register_forward_hook(lambda mod, inp, out, n=n: called.add(n))
     ref = build_model(DSv3Config.from_preset("tiny", num_layers=2, **cpu_overrides()))
     ref.load_state_dict(model.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(32).expand(2, 32)
     a, b = model(ids, pos, None, labels=ids).mean(), ref(ids, pos, None, labels=ids).mean()
+    assert {n for n in names if ".local_experts." not in n} <= called
+    for prefix in ("decoder.layers.1.mlp.experts", "mtp.layers.0.mtp_model_layer.mlp.experts"):
+        assert any(n.startswith(prefix) and n.endswith("linear_fc2") for n in called), prefix
+    # same weights without emulation: the loss moves, but little
     assert a != b and abs(float(a - b)) / float(b) < 1e-2
 
 
@@ -249,6 +257,7 @@ def _args(**kw):
     (dict(fp8="e4m3", first_last_layers_bf16=True), {"fp8", "first_last_layers_bf16"},
      "--first-last-layers-bf16 with --fp8-recipe delayed"),
     (dict(fp8_emulation=True), {"fp8_emulation"}, "--fp8-emulation replaces Megatron-Core's local linear"),
+    (dict(activation_func_fp8_input_store=True), set(), "--activation-func-fp8-input-store is Transformer Engine's"),
     (dict(fp8_emulation=True, transformer_impl="local"), {"fp8_emulation"}, "--fp8-emulation computes its own"),
     (dict(fp8_emulation=True, transformer_impl="local", gradient_accumulation_fusion=False, fp8_param_gather=True),
      {"fp8_emulation"}, "--fp8-param-gather needs Transformer Engine"),
@@ -339,7 +348,8 @@ cfg = DSv3Config.from_preset("tiny", num_layers=2, hidden_size=256, num_attentio
                              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
                              ffn_hidden_size=512, moe_intermediate_size=128, transformer_impl="transformer_engine",
                              fp8="e4m3", fp8_recipe="{recipe}", bf16=True, params_dtype=torch.bfloat16,
-                             max_position_embeddings=256, rope_scaling=None)
+                             max_position_embeddings=256, rope_scaling=None, moe_token_dispatcher_type="alltoall",
+                             moe_router_padding_for_quantization=True)   # FP8 GEMMs: tokens per expert % 16
 model = build_model(cfg).cuda()
 ids = torch.randint(0, cfg.vocab_size, (2, 128), device="cuda"); pos = torch.arange(128, device="cuda").expand(2, 128)
 loss = model(ids, pos, None, labels=ids).float().mean()

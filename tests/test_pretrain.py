@@ -95,7 +95,8 @@ def layout_runs(run_a):
     optimizer checkpoint does not reshard across layouts) and trains steps 4..6."""
     root, _ = run_a
     ckpt = _resume_from_3(root, "layouts")
-    results = {}
+    results = {"start": str(root / "hf_start")}
+    run_ok(1, TINY + STEPS + ["--load", str(ckpt), "--export-hf", results["start"], "--export-hf-dtype", "float32"])
     for layout, (nproc, extra) in LAYOUTS.items():
         out = root / f"{layout}.jsonl"
         saved = root / f"ckpt_after_{layout}"
@@ -112,7 +113,10 @@ def layout_runs(run_a):
 
 @pytest.mark.parametrize("layout", ["tp2ep2", "pp2ep2", "pp2vpp2"])
 def test_layouts_match_world_size_1(layout_runs, layout):
-    """Per step: LM loss and global gradient norm; after the steps: every weight (<= 1e-5 relative)."""
+    """Per step: LM loss and global gradient norm (<= 1e-5 relative); after the steps, every weight: its
+    difference from world 1 is <= 1e-3 of how far the three Adam steps moved it (Adam divides by the
+    gradient's running RMS, so an entry with a near-zero gradient turns a 1e-6 relative gradient
+    difference into a larger relative update difference; measured <= 2e-5 of the weight)."""
     from safetensors.torch import load_file
 
     ref, got = layout_runs["world1"], layout_runs[layout]
@@ -124,10 +128,14 @@ def test_layouts_match_world_size_1(layout_runs, layout):
     assert ref[6]["train/lm_loss"] < ref[4]["train/lm_loss"] + 0.5  # it trained, not diverged
     a = load_file(os.path.join(ref["hf"], "model.safetensors"))
     b = load_file(os.path.join(got["hf"], "model.safetensors"))
-    assert set(a) == set(b)
+    start = load_file(os.path.join(layout_runs["start"], "model.safetensors"))
+    assert set(a) == set(b) == set(start)
+    moved_any = False
     for name, t in a.items():
-        scale = t.abs().max().clamp(min=1e-30)
-        assert ((b[name] - t).abs().max() / scale).item() <= 1e-5, (layout, name)
+        moved = (t - start[name]).abs().max().item()
+        moved_any |= moved > 0
+        assert (b[name] - t).abs().max().item() <= 1e-3 * moved, (layout, name, moved)
+    assert moved_any
 
 
 def test_killed_save_leaves_previous_checkpoint_loadable(run_a, tmp_path):

@@ -98,7 +98,8 @@ def test_load_without_checkpoint_needs_fresh_start_or_the_save_directory(tmp_pat
                                                     "--exit-on-missing-checkpoint")
     capsys.readouterr()
     _prepare("--load", str(typo), "--save", str(other), "--allow-fresh-start")
-    assert f"--load {typo} holds no checkpoint yet: training from scratch (--allow-fresh-start)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--load {typo} holds no checkpoint yet: training from scratch (--allow-fresh-start)" in out
     _prepare("--load", str(other), "--save", str(other))        # Megatron's auto-resume pattern
     assert "(--load = --save: the next launch resumes from it)" in capsys.readouterr().out
 

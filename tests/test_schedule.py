@@ -73,6 +73,25 @@ def test_dualpipe_formula_is_only_an_estimate_elsewhere(f, b, w, fb):
     assert simulate("dualpipe", 8, 16, f, b, w, fb)["bubble"] != table2_bubble("dualpipe", 8, f, b, w, fb)
 
 
+def test_dualpipe_formula_is_an_upper_estimate_where_input_grads_are_not_cheap():
+    """With F <= B - W, W <= B - W and B <= F&B <= F + B the simulated bubble never exceeds the formula
+    (a sweep); with cheaper input grads (B - W < F) it can."""
+    grid = [Fr(x, 4) for x in range(1, 13)]
+    checked = 0
+    for b in grid:
+        for w in grid:
+            if not (w < b and F <= b - w and w <= b - w):
+                continue
+            for fb in (b, (F + 2 * b) / 2, F + b):
+                for pp in (4, 8):
+                    sim = simulate("dualpipe", pp, 2 * pp + 2, F, b, w, fb)["bubble"]
+                    assert sim <= table2_bubble("dualpipe", pp, F, b, w, fb)
+                    checked += 1
+    assert checked > 100
+    cheap = (F, Fr(3, 2), Fr(1), Fr(2))                      # B - W < F
+    assert simulate("dualpipe", 8, 18, *cheap)["bubble"] > table2_bubble("dualpipe", 8, *cheap)
+
+
 @pytest.mark.parametrize("pp", PPS)
 @pytest.mark.parametrize("f,b", [(F, B), (Fr(1), Fr(2)), (Fr(3, 4), Fr(5, 2))])
 def test_1f1b_bubble_is_table2(pp, f, b):

@@ -245,6 +245,11 @@ def human(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def natural(name: str) -> list:
+    """Sort key: numbers in names compare as numbers (layer 2 before layer 10)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def rss_now() -> int:
     import psutil
 
@@ -288,6 +293,26 @@ class Progress:
         self.bar.close()
 
 
+#: float dtype -> (integer view, exponent bits: all set = NaN or Inf)
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+             torch.float8_e4m3fn: (torch.int8, 0x7F), torch.float8_e5m2: (torch.int8, 0x7C)}
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Any NaN / Inf, from the exponent bits (numpy on the integer view: ~20x faster than
+    torch.isfinite on bf16 on CPU), a few MB at a time."""
+    import numpy as np
+
+    view, mask = _EXPONENT[t.dtype]
+    flat = t.reshape(-1).view(view).numpy()
+    step = 4 << 20
+    for i in range(0, flat.size, step):
+        if int(np.bitwise_and(flat[i:i + step], mask).max(initial=0)) == mask:
+            return True
+    return False
+
+
 class NonFinite:
     """Tensors holding NaN / Inf: converted as they are, named at the end."""
 
@@ -295,7 +320,7 @@ class NonFinite:
         self.names: list[str] = []
 
     def check(self, name: str, t: torch.Tensor) -> None:
-        if t.is_floating_point() and (not self.names or self.names[-1] != name) and not bool(torch.isfinite(t).all()):
+        if t.dtype in _EXPONENT and (not self.names or self.names[-1] != name) and has_nonfinite(t):
             self.names.append(name)
 
     def report(self) -> None:
@@ -341,17 +366,17 @@ def check_hf_source(plan: Plan, src: HFDir) -> dict[str, bool]:
     present = set(src.entries)
     scales = {k for k in present if k.endswith(SCALE_SUFFIX)}
     ignored = {k for k in present if IGNORED_HF_KEYS.match(k)}
-    missing = sorted(expected - present)
+    missing = [it.hf for it in plan.items if it.hf not in present]         # in model order
     if missing:
         raise ConvertError(f"--hf {src.path}: {len(missing)} tensor(s) that config.json implies are missing, "
                            f"first: {missing[0]!r}")
-    extra = sorted(present - expected - scales - ignored)
+    extra = sorted(present - expected - scales - ignored, key=natural)
     if extra:
         raise ConvertError(f"--hf {src.path}: {len(extra)} tensor(s) not in the model config.json describes "
                            f"({plan.describe()}), first: {extra[0]!r}")
     fp8 = {}
-    for name in sorted(expected):
-        item, e = plan.hf_to_item[name], src.entries[name]
+    for item in plan.items:                                                 # in model order
+        name, e = item.hf, src.entries[item.hf]
         if e.shape != item.shape:
             hint = ("it is stored transposed (HF linear weights are [out_features, in_features])"
                     if len(e.shape) == 2 and e.shape == item.shape[::-1] else "check config.json")
@@ -444,8 +469,7 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str | None = None, max_memory: str
     out_bytes = sum(numel(c.item.shape[1:]) * (c.r1 - c.r0) * itemsize(
         torch.float32 if c.item.key in plan.fp32_keys else out_dtype) for _, _, cs in layout for c in cs)
     n_chunks = sum(len(cs) for _, _, cs in layout)
-    # a chunk read (stored dtype) + fp32 dequantised + the dtype cast, plus the journal's buffers
-    expected = rss_now() + CHUNK_BYTES * (2 + 4 // itemsize(out_dtype) + 1)
+    expected = rss_now() + _hf_to_mcore_working_set(plan, src, fp8, layout, out_dtype) + MARGIN
     files = [f"{RELEASE}/__0_{i}.distcp" for i in range(last_file + 1)]
     if dry_run:
         print(f"dsv3-convert hf-to-mcore plan (nothing written):\n"
@@ -458,7 +482,7 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str | None = None, max_memory: str
               f"{out}/{TRACKER} (release), {out}/config.json\n"
               f"  memory   expected peak {human(expected)} (--max-memory {human(budget)})")
         return {"items": len(plan.items), "bytes": out_bytes, "files": files, "expected_peak": expected}
-    _memory_check(budget, expected, f"{human(CHUNK_BYTES)} chunks")
+    _memory_check(budget, expected, f"the process now, plus {human(CHUNK_BYTES)} chunks being converted")
     fingerprint = {"direction": "hf-to-mcore", "version": FORMAT_VERSION, "source": os.path.abspath(hf_dir),
                    "source_files": src.identity(), "dtype": dtype_name(out_dtype)}
     stage = Staging(out, fingerprint)
@@ -523,14 +547,43 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str | None = None, max_memory: str
     return _report("hf-to-mcore", out, src_bytes, time.perf_counter() - start, budget, len(plan.items))
 
 
+def _hf_to_mcore_working_set(plan: Plan, src: HFDir, fp8: dict, layout, out_dtype) -> int:
+    """The most bytes one step holds: a chunk as read, dequantised (FP8) and cast; or the two row
+    blocks an MTP copy is compared in."""
+    most = 0
+    for it, _, chunks in layout:
+        e = src.entries[it.hf]
+        target = torch.float32 if it.key in plan.fp32_keys else out_dtype
+        for c in chunks[:1]:                     # the first chunk of a tensor is its largest
+            n = max(c.r1 - c.r0, 1) * numel(it.shape[1:])
+            held = n * e.row_bytes // max(numel(it.shape[1:]), 1) if it.shape else itemsize(e.dtype)
+            work = n * 4 if fp8[it.hf] else 0
+            cast = 0 if target == (torch.float32 if fp8[it.hf] else e.dtype) else n * itemsize(target)
+            most = max(most, held + work + cast)
+        if it.copy_of is not None:
+            rows = _rows_per(e.row_bytes, CHUNK_BYTES)
+            most = max(most, 2 * min(rows, it.shape[0]) * e.row_bytes * (5 if fp8[it.hf] else 1))
+    return most
+
+
+#: allowance for what a step allocates besides its tensors (allocator slack, Python objects)
+MARGIN = 48 << 20
+
+
 def _check_copy(src: HFDir, it: Item, main: Item, fp8: dict) -> None:
-    """An MTP module's embedding / head copy must equal the main one (our model shares them)."""
-    rows = _rows_per(numel(it.shape[1:]) * 4, CHUNK_BYTES)
+    """An MTP module's embedding / head copy must equal the main one (our model shares them): the
+    same bytes, or (stored differently) the same values."""
+    rows = _rows_per(src.entries[it.hf].row_bytes, CHUNK_BYTES)
     for r0 in range(0, it.shape[0], rows):
         r1 = min(r0 + rows, it.shape[0])
-        a = _read_rows(src, it.hf, r0, r1, fp8[it.hf]).float()
-        b = _read_rows(src, main.hf, r0, r1, fp8[main.hf]).float()
-        if bool(((a != b) & ~(a.isnan() & b.isnan())).any()):
+        a = _read_rows(src, it.hf, r0, r1, fp8[it.hf])
+        b = _read_rows(src, main.hf, r0, r1, fp8[main.hf])
+        if a.dtype == b.dtype:
+            differs = not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        else:
+            a, b = a.float(), b.float()
+            differs = bool(((a != b) & ~(a.isnan() & b.isnan())).any())
+        if differs:
             raise ConvertError(f"--hf {src.path}: {it.hf} differs from {main.hf} (rows {r0}..{r1}): megatron-dsv3 "
                                "shares the embedding and head between the model and its MTP modules")
 
@@ -549,6 +602,9 @@ def _finish_release(stage: Staging, plan: Plan, out_dtype, records, infos) -> No
 
     tensors = {k: (torch.float32 if k in plan.fp32_keys else out_dtype, shape) for k, shape in plan.tensors.items()}
     rel_dir = stage.path(RELEASE)
+    for name in os.listdir(rel_dir):          # a small file's temporary left by an interrupted finish
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(rel_dir, name))
     entries = {os.path.basename(r): info for r, info in infos.items()}
     entries[METADATA_FILE] = write_small(os.path.join(rel_dir, METADATA_FILE),
                                          metadata_bytes(build_metadata(tensors, records)))
@@ -631,8 +687,8 @@ def check_mcore_source(plan: Plan, reader: DCPReader, source: str) -> None:
         if tuple(m.size) != tuple(shape):
             raise ConvertError(f"--mcore {reader.path}: {key}: shape {tuple(m.size)} in the checkpoint, but the "
                                f"model config ({source}) makes it {tuple(shape)} (HF {first_hf[key]!r})")
-    extra = sorted(k for k in reader.keys() if is_model_key(k) and reader.tensor(k) is not None
-                   and k not in plan.tensors)
+    extra = sorted((k for k in reader.keys() if is_model_key(k) and reader.tensor(k) is not None
+                    and k not in plan.tensors), key=natural)
     if extra:
         raise ConvertError(f"--mcore {reader.path}: {len(extra)} model tensor(s) not in the model config "
                            f"({source}) describes ({plan.describe()}), first: {extra[0]!r}")
@@ -679,7 +735,7 @@ def mcore_to_hf(mcore: str, out: str, fp8: bool = False, dtype: str | None = Non
     layout = _hf_layout(plan, reader, fp8, DTYPES[dtype] if dtype else None, shard_bytes)
     total = sum(numel(s) * itemsize(d) for _, shard in layout for _, _, es in shard for _, d, s in es)
     chunk, chunk_key = reader.largest_chunk_bytes(plan.tensors)
-    expected = rss_now() + chunk + 4 * PIECE_BYTES
+    expected = rss_now() + chunk + _mcore_to_hf_working_set(layout, reader) + MARGIN
     weights = [d for _, shard in layout for it, d, _ in shard if it.key not in plan.fp32_keys]
     main_dtype = max(set(weights), key=weights.count) if weights else torch.bfloat16
     if dry_run:
@@ -694,8 +750,8 @@ def mcore_to_hf(mcore: str, out: str, fp8: bool = False, dtype: str | None = Non
               f"--max-memory {human(budget)})")
         reader.close()
         return {"items": len(plan.items), "bytes": total, "files": names, "expected_peak": expected}
-    _memory_check(budget, expected, f"largest stored chunk {human(chunk)} of {chunk_key}, "
-                                    f"{human(PIECE_BYTES)} pieces")
+    _memory_check(budget, expected, f"the process now, the largest stored chunk {human(chunk)} of {chunk_key}, "
+                                    f"and {human(PIECE_BYTES)} row blocks being converted")
     fingerprint = {"direction": "mcore-to-hf", "version": FORMAT_VERSION, "source": os.path.abspath(it_dir),
                    "source_files": _dir_identity(it_dir), "fp8": fp8, "dtype": dtype,
                    "shard_size": shard_bytes, "config": config}
@@ -746,6 +802,20 @@ def mcore_to_hf(mcore: str, out: str, fp8: bool = False, dtype: str | None = Non
     nonfinite.report()
     stage.finish()
     return _report("mcore-to-hf", out, total, time.perf_counter() - start, budget, len(plan.items))
+
+
+def _mcore_to_hf_working_set(layout, reader: DCPReader) -> int:
+    """The most bytes one step holds besides the cached chunk: the rows read, cast or quantised."""
+    most = 0
+    for _, shard in layout:
+        for it, out_dtype, _ in shard:
+            cols = numel(it.shape[1:])
+            rows = it.shape[0] if len(it.shape) <= 1 else min(it.shape[0], _rows_per(cols * 4, PIECE_BYTES))
+            n = max(rows, 1) * cols
+            stored = itemsize(reader.tensor(it.key).properties.dtype)
+            extra = 14 * n if out_dtype == torch.float8_e4m3fn else n * itemsize(out_dtype)
+            most = max(most, n * stored + extra)
+    return most
 
 
 def _write_hf_tensor(f, reader: DCPReader, it: Item, out_dtype: torch.dtype, nonfinite: NonFinite) -> None:

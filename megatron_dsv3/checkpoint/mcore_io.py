@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -89,15 +90,20 @@ def build_metadata(tensors: dict[str, tuple[torch.dtype, tuple]], records: list[
     )
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+    # Equal strings as one object (pickle writes a repeated object once): the bytes then depend only
+    # on the values, not on where they came from (a fresh run or a resumed run's journal).
+    intern = sys.intern
+    tensors = {intern(k): v for k, v in tensors.items()}
     chunks: dict[str, list] = {k: [] for k in tensors}
     state, storage = {}, {}
     for r in records:
+        key, file = intern(r.key), intern(r.file)
         if r.offsets is None:
-            state[r.key] = BytesStorageMetadata()
-            storage[MetadataIndex(r.key)] = _StorageInfo(r.file, r.pos, r.length)
+            state[key] = BytesStorageMetadata()
+            storage[MetadataIndex(key)] = _StorageInfo(file, r.pos, r.length)
             continue
-        chunks[r.key].append(ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)))
-        storage[MetadataIndex(r.key, torch.Size(r.offsets))] = _StorageInfo(r.file, r.pos, r.length)
+        chunks[key].append(ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes)))
+        storage[MetadataIndex(key, torch.Size(r.offsets))] = _StorageInfo(file, r.pos, r.length)
     for key, (dtype, shape) in tensors.items():
         covered = sum(int(torch.Size(c.sizes).numel()) for c in chunks[key])
         if covered != int(torch.Size(shape).numel()):
@@ -230,13 +236,12 @@ class DCPReader:
 
     def read_box(self, key: str, offset: tuple, shape: tuple) -> torch.Tensor:
         """The box [offset, offset + shape) of tensor ``key`` in its stored dtype, from the chunks that
-        overlap it (each loaded whole, the last one kept for the next box)."""
+        overlap it (each loaded whole, the last one kept for the next box). Read-only: it may be a
+        view of the cached chunk."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         m = self.tensor(key)
-        out = torch.empty(shape, dtype=m.properties.dtype)
-        need = int(out.numel())
-        filled = 0
+        out, need, filled = None, int(torch.Size(shape).numel()), 0
         for c in m.chunks:
             lo = [max(o, co) for o, co in zip(offset, c.offsets)]
             hi = [min(o + s, co + cs) for o, s, co, cs in zip(offset, shape, c.offsets, c.sizes)]
@@ -252,7 +257,11 @@ class DCPReader:
                 self._cache = (index, chunk)
             chunk = self._cache[1]
             src = chunk[tuple(slice(a - co, b - co) for a, b, co in zip(lo, hi, c.offsets))]
-            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))] = src
+            if out is None and int(src.numel()) == need:
+                return src                   # one chunk holds the whole box: a view, no copy
+            if out is None:
+                out = torch.empty(shape, dtype=m.properties.dtype)
+            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))].copy_(src)   # (not "= src": slow)
             filled += int(src.numel())
         if filled != need:
             raise HFCheckpointError(f"{self.path}: the chunks of {key} cover {filled} of the {need} values "

@@ -209,8 +209,11 @@ def dequantize_rows(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     rows, cols = w.shape
     out = w.float()
     col_scale = scale_inv.float().repeat_interleave(FP8_BLOCK, dim=1)[:, :cols]      # [block rows, cols]
-    for b in range(-(-rows // FP8_BLOCK)):
-        out[b * FP8_BLOCK:(b + 1) * FP8_BLOCK] *= col_scale[b]
+    full = rows // FP8_BLOCK * FP8_BLOCK
+    if full:
+        out[:full].view(full // FP8_BLOCK, FP8_BLOCK, cols).mul_(col_scale[: full // FP8_BLOCK, None, :])
+    if full < rows:
+        out[full:].mul_(col_scale[full // FP8_BLOCK])
     return out
 
 
@@ -220,14 +223,17 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all-zero block gets s = 1 (q = 0). Dequantising is ``q.float() * s``."""
     rows, cols = w.shape
     rb, cb = scale_shape((rows, cols))
-    w = w.float()
-    pad = torch.zeros(rb * FP8_BLOCK, cb * FP8_BLOCK, dtype=torch.float32)
-    pad[:rows, :cols] = w
+    if rows % FP8_BLOCK or cols % FP8_BLOCK:
+        pad = torch.zeros(rb * FP8_BLOCK, cb * FP8_BLOCK, dtype=torch.float32)
+        pad[:rows, :cols].copy_(w)
+    else:
+        pad = w.float().clone() if w.dtype == torch.float32 else w.float()
     blocks = pad.view(rb, FP8_BLOCK, cb, FP8_BLOCK)
     amax = blocks.abs().amax(dim=(1, 3))
     s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (blocks / s[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(rb * FP8_BLOCK, cb * FP8_BLOCK)[:rows, :cols].contiguous(), s
+    blocks.div_(s[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
+    q = pad.to(torch.float8_e4m3fn)
+    return (q[:rows, :cols].contiguous() if q.shape != (rows, cols) else q), s
 
 
 # ------------------------------------------------------------------------------------------------

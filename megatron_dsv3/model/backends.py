@@ -45,11 +45,13 @@ def local_backend(config) -> Backend:
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    from .experts import GroupedExperts
     from .mla import DuplicatedLinear
     from .norm import RMSNorm
 
+    sequential = LocalSpecProvider().grouped_mlp_modules(False)     # partial(SequentialMLP, submodules=...)
     return Backend(column=ColumnParallelLinear, row=RowParallelLinear, duplicated=DuplicatedLinear,
-                   norm=RMSNorm, experts=LocalSpecProvider().grouped_mlp_modules(False))
+                   norm=RMSNorm, experts=partial(GroupedExperts, **sequential.keywords))
 
 
 def te_backend(config) -> Backend:

@@ -261,12 +261,15 @@ def fp8_emulation_backend(config):
     if config.transformer_impl != "local":
         raise ValueError("FP8 emulation: transformer_impl must be 'local' (got "
                          f"{config.transformer_impl!r}); use --transformer-impl local")
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
     base = local_backend(config)
-    experts = base.experts
-    experts = partial(experts.func, *experts.args, **{
-        **experts.keywords,
-        "submodules": dataclasses.replace(experts.keywords["submodules"], linear_fc1=FP8ColumnParallelLinear,
-                                          linear_fc2=FP8RowParallelLinear)})
+    # Megatron-Core's SequentialMLP (one linear pair per expert, each through the FP8 GEMMs); the local
+    # backend's grouped-matmul experts would bypass the linear classes
+    keywords = dict(base.experts.keywords)
+    keywords["submodules"] = dataclasses.replace(keywords["submodules"], linear_fc1=FP8ColumnParallelLinear,
+                                                 linear_fc2=FP8RowParallelLinear)
+    experts = partial(SequentialMLP, **keywords)
     return Backend(column=FP8ColumnParallelLinear, row=FP8RowParallelLinear, duplicated=FP8DuplicatedLinear,
                    norm=base.norm, experts=experts, mtp_proj=DuplicatedLinear)
 

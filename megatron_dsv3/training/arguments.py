@@ -67,6 +67,10 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "inputs, activations per 1x128 tile, weights per 128x128 block, in Fprop, Dgrad and "
                         "Wgrad, fp32 accumulation; embedding, head, router, norms, attention core and MTP "
                         "eh_proj stay in the training precision (megatron_dsv3/model/fp8_emulation.py)")
+    g.add_argument("--activation-func-fp8-input-store", action="store_true",
+                   help="with --fp8-format: Transformer Engine caches the SwiGLU input of the experts, shared "
+                        "experts and dense FFN in FP8 for backward (report sec. 3.3.3; Megatron-Core's config "
+                        "field of that name)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of one device, for MFU on devices not in "
                         "megatron_dsv3.training.flops.PEAK_TFLOPS")
@@ -74,6 +78,10 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="load the --load checkpoint, write it as a HF DeepSeek-V3 checkpoint to DIR "
                         "(config.json + model.safetensors) and exit without training (no pipeline "
                         "parallelism)")
+    g.add_argument("--hf-checkpoint", default=None, metavar="DIR",
+                   help="initialise the model from a HF DeepSeek-V3 checkpoint (safetensors, FP8 or not; "
+                        "each rank reads only its own shards); refused at launch when its config.json or "
+                        "tensors do not match the launched model. A checkpoint in --load wins (resume)")
     g.add_argument("--export-hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the exported weights (the expert bias stays fp32)")
     g.add_argument("--metrics-jsonl", default=None,
@@ -363,6 +371,7 @@ def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = No
     kwargs.update(fields)
     kwargs["vocab_size"] = args.padded_vocab_size
     kwargs["ranks_per_node"] = args.ranks_per_node
+    kwargs["activation_func_fp8_input_store"] = bool(getattr(args, "activation_func_fp8_input_store", False))
     config = DSv3Config(**kwargs)
     if getattr(args, "fp8_emulation", False):        # --fp8-emulation: the emulated-FP8 layers
         from ..model import fp8_emulation

@@ -33,6 +33,7 @@ def check_launch(args: argparse.Namespace, given: set[str], fields: dict) -> Non
     _check_world_and_batch(args)
     _check_distributed_optimizer(args)
     _check_tokenizer(args)
+    _check_hf_checkpoint(args, fields)   # --hf-checkpoint: config.json and tensors match the model
     _check_data(args)
     _check_registry(args)
     _check_dispatcher(args, fields)
@@ -334,6 +335,21 @@ def _check_tokenizer(args) -> None:
         if not os.path.exists(model) and not _hub_id(model):
             raise LaunchError(f"--tokenizer-model {model}: no such directory (give a local tokenizer "
                               "directory written by save_pretrained, or a Hugging Face hub id org/name)")
+
+
+def _check_hf_checkpoint(args, fields) -> None:
+    if not getattr(args, "hf_checkpoint", None):
+        return
+    from ..checkpoint.hf_init import check_hf_checkpoint
+    from ..checkpoint.hf_keys import HFCheckpointError
+
+    try:
+        notes = check_hf_checkpoint(args.hf_checkpoint, fields, _padded_vocab(args), args.tensor_model_parallel_size,
+                                    args.make_vocab_size_divisible_by)
+    except HFCheckpointError as e:
+        raise LaunchError(f"--hf-checkpoint {args.hf_checkpoint}: {e}") from None
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print("[dsv3] --hf-checkpoint: " + "; ".join(notes), flush=True)
 
 
 def _hub_id(name: str) -> bool:

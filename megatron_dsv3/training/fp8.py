@@ -51,6 +51,9 @@ def fp8_flag_problems(args: argparse.Namespace, given: set) -> list[str]:
         out.append("--first-last-layers-bf16 with --fp8-recipe delayed: Megatron-Core asserts that delayed "
                    "scaling cannot leave layers in BF16; use --fp8-recipe tensorwise or blockwise, or drop "
                    "--first-last-layers-bf16")
+    if getattr(args, "activation_func_fp8_input_store", False) and (fmt is None or emulate):
+        out.append("--activation-func-fp8-input-store is Transformer Engine's FP8 cache of the SwiGLU input; give "
+                   "--fp8-format (not --fp8-emulation) or drop it")
     if getattr(args, "first_last_layers_bf16", False) and fmt is None:
         out.append("--first-last-layers-bf16 acts only with --fp8-format; give --fp8-format or drop it")
     if emulate:

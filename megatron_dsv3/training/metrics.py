@@ -194,7 +194,13 @@ def collect_expert_stats(config, routing_group, pp_group) -> Optional[dict]:
     torch.distributed.all_gather_object(gathered, payload, group=pp_group)
     merged = {}
     for part in gathered:
-        merged.update(part)
+        for layer, entry in part.items():
+            if layer in merged:     # DualPipe: the two copies of a stage each route one direction's tokens
+                merged[layer]["load"] = merged[layer]["load"] + entry["load"]
+                merged[layer]["cross"] = merged[layer]["cross"] + entry["cross"]
+                merged[layer]["spread"] = max(merged[layer]["spread"], entry["spread"])
+            else:
+                merged[layer] = entry
     return merged
 
 

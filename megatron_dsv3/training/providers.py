@@ -22,15 +22,34 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
                  f"{cfg.num_layers} layers, {cfg.n_routed_experts} experts, MTP depth {cfg.mtp_num_layers or 0}")
     chunks = _schedule_chunks(args, cfg, pg_collection)
     if chunks is not None:       # DualPipe / DualPipeV: this rank's two stages, from the schedule
+        _init_from_hf(args, chunks)
         for chunk in chunks:
             MODEL_CHUNKS.append(chunk)
             metrics.attach(chunk)
         return chunks
     model = build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
                         pg_collection=pg_collection)
+    _init_from_hf(args, [model])
     MODEL_CHUNKS.append(model)
     metrics.attach(model)
     return model
+
+
+def _init_from_hf(args, chunks) -> None:
+    """--hf-checkpoint: this rank's shards of the HF weights (not read when --load resumes a checkpoint,
+    which Megatron loads over them)."""
+    if not getattr(args, "hf_checkpoint", None):
+        return
+    from megatron.training import print_rank_0
+
+    from ..checkpoint.hf_init import init_from_hf
+    from . import safety
+
+    if args.load and safety.find_checkpoint(args.load, args.ckpt_step) is not None:
+        print_rank_0(f"> --hf-checkpoint {args.hf_checkpoint} not read: --load {args.load} holds a checkpoint")
+        return
+    init_from_hf(chunks, args.hf_checkpoint)
+    print_rank_0(f"> initialised the model from the HF checkpoint {args.hf_checkpoint}")
 
 
 def _schedule_chunks(args, cfg, pg_collection):

@@ -298,7 +298,6 @@ class _State:
     args: Optional[argparse.Namespace] = None
     loaded: Optional[Checkpoint] = None
     guard: Optional["NonFiniteGuard"] = None
-    timings: dict = field(default_factory=dict)
     writer_errors: list = field(default_factory=list)    # the checkpoint writer's logged errors
 
 
@@ -377,9 +376,9 @@ def before_save(iteration, model, optimizer) -> None:
         args = _S.args
         latest = find_checkpoint(args.save) if args is not None and args.save else None
         _stop(f"refusing to save the checkpoint of iteration {iteration}: non-finite values in "
-              f"{_describe_bad(bad)}. Nothing "
-              f"was written; " + (f"the latest checkpoint stays iteration {latest.iteration} in {latest.root}."
-                                  if latest else "no earlier checkpoint exists."))
+              f"{_describe_bad(bad)}. Nothing was written; "
+              + (f"the latest checkpoint stays iteration {latest.iteration} in {latest.root}." if latest
+                 else "no earlier checkpoint exists."))
 
 
 def after_shards(checkpoint_dir: str, async_save: bool) -> None:
@@ -404,9 +403,9 @@ def after_shards(checkpoint_dir: str, async_save: bool) -> None:
         dist.barrier()
     seconds = time.perf_counter() - start
     total = sum(e["size"] for e in entries.values())
-    _S.timings["save"] = (total, seconds)
     _say(f"checkpoint manifest {manifest.manifest_path(checkpoint_dir)}: {len(entries)} files, "
-         f"{total / 1e6:.1f} MB hashed on {world} rank(s) in {seconds:.2f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+         f"{total / 1e6:.1f} MB hashed on {world} rank(s) in {seconds:.2f} s "
+         f"({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
 
 
 def on_save_error(exc: BaseException, checkpoint_dir: str) -> None:
@@ -516,7 +515,6 @@ def verify_distributed(ckpt: Checkpoint, flag: str = "--load") -> None:
               + "or pass --no-verify-checkpoint to load it anyway")
     seconds = time.perf_counter() - start
     total = sum(h for _, h, _ in gathered)
-    _S.timings["load"] = (total, seconds)
     _say(f"verified {ckpt.path} against its manifest: {total / 1e6:.1f} MB hashed on {world} rank(s) in "
          f"{seconds:.2f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
 

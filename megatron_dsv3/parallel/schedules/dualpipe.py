@@ -207,7 +207,8 @@ class _Step:
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-        tracker, keys, last = MTPLossLoggingHelper.tracker, ("loss_values", "correct_values", "total_values"), self.n - 1
+        tracker, last = MTPLossLoggingHelper.tracker, self.n - 1
+        keys = ("loss_values", "correct_values", "total_values")
         size = (len(keys), self.config.mtp_num_layers)
         if self.rank == last:
             for h in sorted(self._holders() - {last}):
