@@ -26,7 +26,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import convert_synth as synth
 from launch import LAYOUTS, ROOT, TINY, metrics, run_ok
@@ -316,16 +316,22 @@ def test_converted_checkpoint_and_hf_checkpoint_give_the_same_first_loss(first_s
 
 @pytest.mark.parametrize("start", ["load_converted", "hf_checkpoint"])
 def test_launcher_save_at_tp2_ep2_pp2_exports_the_original_bits(sources, converted, tmp_path, start):
-    """At TP2 x EP2 x PP2 (4 ranks) load the converted checkpoint (--load) or the HF one
-    (--hf-checkpoint: each rank reads its shards) and save with no training step (Megatron's
-    --ckpt-convert-format); mcore-to-hf of that save = the original HF bits."""
+    """At TP2 x EP2 x PP2 (4 ranks) load the converted checkpoint (--load) and save it again with no
+    training step (Megatron's --ckpt-convert-format); or start from the HF checkpoint
+    (--hf-checkpoint: each rank reads its own shards) and save after one step that changes nothing
+    (lr 0, gamma 0). mcore-to-hf of the save = the original HF bits."""
     _, src = sources
     saved = tmp_path / "saved"
-    source = ["--load", str(converted)] if start == "load_converted" else ["--hf-checkpoint", str(src[torch.bfloat16])]
-    run_ok(4, TINY + FIRST_STEP + TP2_EP2_PP2 + source + ["--ckpt-convert-format", "torch_dist",
-                                                          "--ckpt-convert-save", str(saved)])
+    if start == "load_converted":
+        run_ok(4, TINY + FIRST_STEP + TP2_EP2_PP2 + ["--load", str(converted), "--ckpt-convert-format", "torch_dist",
+                                                     "--ckpt-convert-save", str(saved)])
+        saved = saved / "torch_dist"
+    else:
+        run_ok(4, TINY + FIRST_STEP + TP2_EP2_PP2 + ["--hf-checkpoint", str(src[torch.bfloat16]), "--lr", "0",
+                                                     "--min-lr", "0", "--moe-router-bias-update-rate", "0",
+                                                     "--save", str(saved), "--save-interval", "1"])
     back = tmp_path / "back"
-    convert.mcore_to_hf(str(saved / "torch_dist"), str(back), dtype="bf16", progress=False)
+    convert.mcore_to_hf(str(saved), str(back), dtype="bf16", progress=False)
     _same_tensors(src[torch.bfloat16], back)
     assert json.loads((back / "config.json").read_text()) == json.loads(
         (src[torch.bfloat16] / "config.json").read_text())

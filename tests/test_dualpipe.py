@@ -6,6 +6,7 @@ only). A step batch-size schedule gives each run the micro-batch counts 2 PP, 2 
 one in successive optimizer steps (DualPipeV: 2 N, 2 N + 2, larger):
 
     dualpipe  PP 2 x EP 2 (4 ranks, data-parallel 2)       alltoall dispatcher      M 4, 6, 8, 8
+              with uneven stages: 5 layers on stage 0, 3 on stage 1 (--decoder-first/last-pipeline-num-layers)
     dualpipe  PP 4 x TP 2 (8 ranks, sequence parallel)      alltoall                 M 8, 10, 12, 12
     dualpipev N 2 x TP 2 (4 ranks, sequence parallel)       alltoall                 M 4, 6, 8, 8
     dualpipev N 4 x EP 2 (8 ranks, data-parallel 2)         node_limited             M 8, 10, 12, 12
@@ -52,6 +53,8 @@ LAYOUTS = {
     "dualpipev_n4_ep2_node_limited": ("dualpipev", 4, 8, EP2 + NODE_LIMITED, "0:16 512:20 1152:24", [8, 10, 12, 12]),
 }
 STEPS = 4
+#: flags of the pipelined run only: uneven stages (Megatron's --decoder-first/last-pipeline-num-layers)
+PP_ONLY = {"dualpipe_pp2_ep2": ["--decoder-first-pipeline-num-layers", "5", "--decoder-last-pipeline-num-layers", "3"]}
 
 
 def _run(nproc: int, out, args: list[str]) -> None:
@@ -76,8 +79,9 @@ def parity(request, start):
               "--load", str(start / "ckpt"), "--finetune"]
     ref, run = start / f"{request.param}_ref", start / request.param
     _run(nproc // pp, ref, common + ["--pipeline-schedule", "nopipe-dump", "--metrics-jsonl", str(ref / "m.jsonl")])
-    _run(nproc, run, common + ["--pipeline-model-parallel-size", str(pp), "--pipeline-schedule",
-                               f"{schedule}-dump", "--metrics-jsonl", str(run / "m.jsonl")])
+    _run(nproc, run, common + PP_ONLY.get(request.param, []) + [
+        "--pipeline-model-parallel-size", str(pp), "--pipeline-schedule", f"{schedule}-dump",
+        "--metrics-jsonl", str(run / "m.jsonl")])
     return request.param, ref, run
 
 

@@ -10,7 +10,7 @@
 - all-to-all: the node limit caps the nodes a token reaches and cuts IB copies;
 - layouts that cannot run are reported with the flag to change; --json carries the keys;
 - every examples/h800_*.sh: its exact flags (printed by the script itself) fit an 80 GB H800 and pass
-  the launch checks (the 671B one: see the xfail).
+  the launch checks.
 """
 from __future__ import annotations
 
@@ -252,14 +252,7 @@ def test_recipe_fits_an_80gb_h800(name):
     assert p["fits"], (name, p["memory_per_gpu_bytes"] / 1e9, p["memory_breakdown_bytes"])
 
 
-_DUALPIPE_UNEVEN = pytest.mark.xfail(
-    strict=True, reason="parallel/schedules/dualpipe.py places equal stages only: it refuses "
-    "--decoder-first/last-pipeline-num-layers and 61 layers on 16 stages. Remove this mark when it "
-    "places DeepSeek-V3's stages (the test then passes, and strict=True makes it fail until then)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_DUALPIPE_UNEVEN) if n == "h800_dsv3_671b" else n
-                                  for n in RECIPES])
+@pytest.mark.parametrize("name", RECIPES)
 def test_recipe_passes_the_launch_checks(name):
     args, nodes = _recipe(name)
     p = _plan(*args, "--nodes", str(nodes))
@@ -275,5 +268,4 @@ def test_671b_recipe_is_the_reports_layout():
     assert (L["fp8"], L["fp8_recipe"]) == ("e4m3", "blockwise")
     a = p["all_to_all"]
     assert (a["ep_nodes"], a["node_limited_routing"]["node_limit"]) == (8, 4)
-    # the only refusal is the uneven stage placement DualPipe lacks
-    assert p["launch_problems"] and all("dualpipe" in m for m in p["launch_problems"]), p["launch_problems"]
+    assert p["runnable"] and not p["launch_problems"], p["launch_problems"]

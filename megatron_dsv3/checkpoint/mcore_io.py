@@ -185,7 +185,7 @@ class DCPReader:
             m = self.tensor(key)
             if m is None:
                 continue
-            size = m.properties.dtype.itemsize if hasattr(m.properties.dtype, "itemsize") else 4
+            size = m.properties.dtype.itemsize
             for c in m.chunks:
                 best = max(best, (int(torch.Size(c.sizes).numel()) * size, key))
         return best

@@ -338,12 +338,13 @@ class Schedule:
         """Refuse, naming the flag, what this schedule cannot run (before any process group exists)."""
         n = args.pipeline_model_parallel_size
         name = self.name
+        uneven = (("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
+                  ("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers"))
         for dest, flag in (("num_layers_per_virtual_pipeline_stage", "--num-layers-per-virtual-pipeline-stage"),
                            ("num_virtual_stages_per_pipeline_rank", "--num-virtual-stages-per-pipeline-rank"),
                            ("virtual_pipeline_model_parallel_size", "--virtual-pipeline-model-parallel-size"),
                            ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"),
-                           ("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
-                           ("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers")):
+                           *(uneven if name == "dualpipev" else ())):
             if getattr(args, dest, None) is not None:
                 raise ScheduleLaunchError(f"{flag} cannot be used with --pipeline-schedule {name}: it places "
                                           "the stages itself (two per rank); drop it")
@@ -360,9 +361,21 @@ class Schedule:
                                       "pipeline ranks (stage i and its mirror PP-1-i share a rank)")
         n_stages = order.stages(name, n)
         layers = fields.get("num_layers") or args.num_layers
-        if layers is not None and layers % n_stages:
+        first, last = (getattr(args, dest, None) for dest, _ in uneven)
+        if layers is not None and (first is not None or last is not None):
+            # DualPipe's stage s is Megatron's pipeline stage s: Megatron's uneven first / last stage
+            # (e.g. DeepSeek-V3's 61 layers on 16 stages) applies as it is
+            middle = layers - (first or 0) - (last or 0)
+            inner = n_stages - (first is not None) - (last is not None)
+            if middle < 0 or (inner and middle % inner) or (not inner and middle):
+                raise ScheduleLaunchError(
+                    f"--num-layers {layers} with --decoder-first-pipeline-num-layers {first} / "
+                    f"--decoder-last-pipeline-num-layers {last}: the other {inner} stages must share the "
+                    f"remaining {middle} layers evenly")
+        elif layers is not None and layers % n_stages:
             raise ScheduleLaunchError(f"--num-layers {layers}: {name} on {n} pipeline ranks has {n_stages} stages; "
-                                      f"the layers must divide evenly into them")
+                                      f"the layers must divide evenly into them (DualPipe also takes "
+                                      f"--decoder-first/last-pipeline-num-layers)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dp = world // max(1, n * args.tensor_model_parallel_size * (args.context_parallel_size or 1))
         mbs, gbs = args.micro_batch_size, args.global_batch_size
