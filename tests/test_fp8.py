@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import json
 import os
 import subprocess
@@ -208,6 +209,21 @@ def _fails(*extra) -> str:
     with pytest.raises(LaunchError) as info:
         _prepare(*extra)
     return str(info.value.code)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(transformer_impl="transformer_engine"), "set transformer_impl='local'"),
+    (dict(gradient_accumulation_fusion=True), "set gradient_accumulation_fusion=False"),
+])
+def test_fp8_emulation_field_refuses_what_it_cannot_emulate(overrides, message):
+    """DSv3Config.fp8_emulation is a validated field: a config that cannot run the emulated layers is
+    refused when it is built (not when the layers are), naming the field to change."""
+    from megatron_dsv3.config import DSv3Config, DSv3ConfigError, cpu_overrides
+
+    fields = dict(cpu_overrides(), **overrides)
+    with pytest.raises(DSv3ConfigError, match=re.escape(message)):
+        DSv3Config.from_preset("tiny", num_layers=2, fp8_emulation=True, **fields)
+    assert not fe.enabled(DSv3Config.from_preset("tiny", num_layers=2, **cpu_overrides()))
 
 
 def test_fp8_emulation_launches_and_marks_the_model(no_process_groups):

@@ -131,8 +131,15 @@ class DSv3Config(MLATransformerConfig):
     (report sec. 3.3); combine stays in the training dtype. Needs a dispatcher that supports it
     (``node_limited``)."""
 
+    fp8_emulation: bool = False
+    """Build the emulated-FP8 layers (``megatron_dsv3/model/fp8_emulation.py``: e4m3 1x128 / 128x128
+    tile quantisation of the GEMM inputs, on any device, without Transformer Engine). Needs
+    ``transformer_impl='local'`` and ``gradient_accumulation_fusion=False``. Real FP8 on a GPU is
+    ``fp8='e4m3'`` with Transformer Engine."""
+
     def __post_init__(self):
         self._read_registered_dispatcher()
+        self._check_fp8_emulation()
         self._check_dsv3_fields()
         self._derive_megatron_fields()
         check_parallel_layout(
@@ -169,6 +176,20 @@ class DSv3Config(MLATransformerConfig):
                 f"from_hf_config(config.json), or pass {name}=... explicitly."
             )
         return value
+
+    def _check_fp8_emulation(self):
+        if not self.fp8_emulation:
+            return
+        if self.transformer_impl != "local":
+            raise DSv3ConfigError("DSv3Config.fp8_emulation=True replaces Megatron-Core's local layers: set "
+                                  "transformer_impl='local' (--transformer-impl local); real FP8 on a GPU is "
+                                  "--fp8-format with Transformer Engine")
+        if self.gradient_accumulation_fusion:
+            raise DSv3ConfigError("DSv3Config.fp8_emulation=True: set gradient_accumulation_fusion=False "
+                                  "(--no-gradient-accumulation-fusion)")
+        if self.fp8:
+            raise DSv3ConfigError(f"DSv3Config.fp8_emulation=True with fp8={self.fp8!r}: choose one "
+                                  "(emulation without Transformer Engine, or real FP8 with it)")
 
     def _check_dsv3_fields(self):
         for name in ("vocab_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",

@@ -145,6 +145,7 @@ ROWS: tuple[Row, ...] = (
     Row("moe_token_dispatcher_type", "moe_token_dispatcher_type", value=_megatron_dispatcher,
         when="registered_dispatcher", passthrough=True),
     Row("moe_dispatch_fp8", None, "moe_dispatch_fp8"),
+    Row("fp8_emulation", None, "fp8_emulation"),
     _fixed("moe_router_dtype", "moe_router_dtype", "fp32", "DSv3 routes in fp32", when="moe"),
     # --- MTP ----------------------------------------------------------------------------------
     Row("mtp_loss_scaling_factor", "mtp_loss_scaling_factor", "mtp_lambda", when="mtp", off=0.0),

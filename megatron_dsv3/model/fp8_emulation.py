@@ -238,15 +238,9 @@ HIGH_PRECISION = ("embedding", "output head", "MoE gate (router)", "RMSNorms", "
 # The backend and the switch
 # ----------------------------------------------------------------------------------------------
 def enable(config):
-    """Mark ``config`` (a DSv3Config with ``transformer_impl='local'``) to build the emulated-FP8 layers;
-    returns it. Same as ``--fp8-emulation`` on the launcher."""
-    if config.transformer_impl != "local":
-        raise ValueError("FP8 emulation replaces Megatron-Core's local layers: set transformer_impl='local' "
-                         "(real FP8 on a GPU is --fp8-format with Transformer Engine)")
-    if getattr(config, "gradient_accumulation_fusion", False):
-        raise ValueError("FP8 emulation: set gradient_accumulation_fusion=False (--no-gradient-accumulation-fusion)")
-    config.fp8_emulation = True
-    return config
+    """A copy of ``config`` (a DSv3Config) with ``fp8_emulation=True``, validated like the field is
+    (``transformer_impl='local'``, no gradient-accumulation fusion). Same as ``--fp8-emulation``."""
+    return dataclasses.replace(config, fp8_emulation=True)
 
 
 def enabled(config) -> bool:

@@ -372,9 +372,4 @@ def model_config_from_args(args: argparse.Namespace, fields: Optional[dict] = No
     kwargs["vocab_size"] = args.padded_vocab_size
     kwargs["ranks_per_node"] = args.ranks_per_node
     kwargs["activation_func_fp8_input_store"] = bool(getattr(args, "activation_func_fp8_input_store", False))
-    config = DSv3Config(**kwargs)
-    if getattr(args, "fp8_emulation", False):        # --fp8-emulation: the emulated-FP8 layers
-        from ..model import fp8_emulation
-
-        fp8_emulation.enable(config)
-    return config
+    return DSv3Config(**kwargs)
