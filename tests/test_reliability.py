@@ -372,6 +372,22 @@ def test_damaged_checkpoint_is_refused_naming_each_file(killed, tmp_path):
     assert "nothing was loaded" in log and "loading distributed checkpoint" not in log
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nonfinite_flag_sees_every_nan_and_inf(dtype):
+    """The step guard's one-reduction check: any NaN, +Inf, -Inf, or +Inf next to -Inf (whose sum is
+    NaN) anywhere in the tensor raises the flag; finite tensors, large ones included, do not."""
+    clean = torch.randn(4, 8, 16, dtype=torch.float64).to(dtype)
+    assert int(safety.nonfinite_flag(clean)) == 0
+    assert int(safety.nonfinite_flag(torch.full((1000,), 1e30, dtype=torch.float64).to(dtype))) == 0
+    for values, where in [((float("nan"),), (1, 2, 3)), ((float("inf"),), (0, 0, 0)),
+                          ((-float("inf"),), (3, 7, 15)), ((float("inf"), -float("inf")), (2, 5, 9))]:
+        bad = clean.clone()
+        flat = bad.view(-1)
+        for i, v in enumerate(values):
+            flat[(where[0] * 128 + where[1] * 16 + where[2] + 11 * i) % flat.numel()] = v
+        assert int(safety.nonfinite_flag(bad)) == 1, (dtype, values)
+
+
 def test_nan_in_one_rank_and_micro_batch_stops_every_rank_before_the_optimizer(tmp_path):
     """Decoder layer 2 outputs NaN in the 2nd micro-batch of step 3 on rank 1 only: both ranks stop
     (no hang), at the iteration the console would call 3, naming layer 2; no checkpoint of step 3;

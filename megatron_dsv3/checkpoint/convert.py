@@ -907,10 +907,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tune_malloc() -> None:
+    """Keep freed buffers in the heap for reuse (glibc): without it every chunk-sized tensor is a
+    fresh mmap whose pages fault in one by one, which made the FP8 paths 5x slower here and the
+    peak RSS higher. No-op where glibc's mallopt is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 << 20)      # M_MMAP_THRESHOLD: allocations below 256 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)        # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap for reuse
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MEGATRON_DSV3_CPU", "1")
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    tune_malloc()
     try:
         if args.command == "hf-to-mcore":
             hf_to_mcore(args.hf, args.out, args.dtype, args.max_memory, args.dry_run, not args.no_progress)

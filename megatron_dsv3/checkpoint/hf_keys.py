@@ -12,6 +12,8 @@ fp8:   DeepSeek's released checkpoint stores it as float8_e4m3 with a 128x128 ``
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import re
 from dataclasses import dataclass
 
@@ -98,13 +100,17 @@ class Layout:
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+        from ..parallel.schedules.placement import stage_view
+
         cfg = model.config
+        place = getattr(model, "dsv3_place", None)     # a DualPipe / DualPipeV chunk: its stage's view
+        with stage_view(place) if place is not None else nullcontext():
+            offset = get_transformer_layer_offset(cfg, vp_stage=getattr(model, "vp_stage", None))
         return cls(
             tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
             ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
             etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
-            layer_offset=get_transformer_layer_offset(cfg, vp_stage=getattr(model, "vp_stage", None)),
-            num_local_layers=len(model.decoder.layers), has_pre=model.pre_process,
+            layer_offset=offset, num_local_layers=len(model.decoder.layers), has_pre=model.pre_process,
             has_post=model.post_process, has_mtp=getattr(model, "mtp_process", False))
 
 

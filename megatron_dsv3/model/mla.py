@@ -23,6 +23,14 @@ report sec. 3.2.3; the names are Megatron-Core's):
                  Megatron's TransformerLayer recomputes the input / pre-MLP RMSNorms under this name
     core_attn    the attention core (mask, softmax, dropout) runs again in backward
 
+Attention kernel (:func:`attention_kernel`, a pure function of the device, the head sizes, the
+sequence length and the dropout, so a run and its resumed continuation compute the same way): MLA's
+query/key head size (dn + dr) differs from its value head size (dv), which sends torch's SDPA on CPU
+to its math fallback. Padding V with zeros to dn + dr selects the CPU flash kernel (the padded columns
+of the output are dropped; outputs and gradients equal within fp32 rounding) where it is faster. On
+GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
+take unequal head sizes).
+
 Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
 sequence under SP), o_proj is row-parallel. The down projections are small and duplicated on every
 TP rank; under SP each rank runs them on its own tokens only (no redundant work) and their weights
@@ -30,6 +38,7 @@ are marked ``sequence_parallel`` so finalize_model_grads sums their gradients ov
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -45,8 +54,45 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.utils import log_single_rank
 
 from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
+
+
+#: Where torch's CPU flash kernel (V padded to dn + dr) beats its math fallback, measured with
+#: ``tools/bench_layers.py --attention-kernels`` (fp32, one thread, forward + backward, causal;
+#: torch 2.13; time padded / math): (dn+dr, dv) = (24, 16): 0.75 at s=128, 0.63 at 256, 0.77 at 512;
+#: (96, 64): 0.95 at 256, 1.01 at 512, 0.62 at 1024; (192, 128): 1.27 at 256, 1.10 at 512, 0.75 at
+#: 768, 0.61 at 2048. The flash kernel takes masks but no dropout.
+CPU_FLASH_MAX_SMALL_HEAD = 64
+CPU_FLASH_MIN_SEQ = 768
+
+
+def attention_kernel(device_type: str, qk_head_dim: int, v_head_dim: int, seq: int, dropout: float) -> str:
+    """The attention core's kernel: ``"sdpa"`` (tensors as they are; SDPA picks) or ``"sdpa_padded_v"``
+    (V zero-padded to the query/key head size, so torch's CPU flash kernel runs; output sliced back)."""
+    if device_type != "cpu" or qk_head_dim == v_head_dim or dropout > 0:
+        return "sdpa"
+    if qk_head_dim <= CPU_FLASH_MAX_SMALL_HEAD or seq >= CPU_FLASH_MIN_SEQ:
+        return "sdpa_padded_v"
+    return "sdpa"
+
+
+_log = logging.getLogger(__name__)
+_LOGGED_KERNELS: set = set()
+
+
+def _log_kernel_once(kernel: str, device_type: str, dq: int, dv: int, seq: int, dropout: float) -> None:
+    key = (kernel, device_type, dq, dv, seq, dropout > 0)
+    if key in _LOGGED_KERNELS:
+        return
+    _LOGGED_KERNELS.add(key)
+    why = {"sdpa_padded_v": f"V padded {dv} -> {dq} for the {device_type.upper()} flash kernel",
+           "sdpa": ("SDPA picks its kernel" if device_type != "cpu" or dq == dv or dropout > 0 else
+                    f"math kernel: at head size {dq} the padded flash kernel is slower below "
+                    f"{CPU_FLASH_MIN_SEQ} tokens")}[kernel]
+    log_single_rank(_log, logging.INFO, f"MLA attention core (seq {seq}, q/k head {dq}, v head {dv}, "
+                    f"dropout {dropout}): {kernel} ({why})")
 
 
 def mla_softmax_scale(config) -> float:
@@ -212,11 +258,19 @@ class MultiLatentAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, H_l, s, d]
         p = self.config.attention_dropout if self.training else 0.0
         masking = dict(is_causal=True) if mask is None else dict(attn_mask=~mask)   # SDPA: True = attend
+        dq = self.dn + self.dr
+        kernel = attention_kernel(q.device.type, dq, self.dv, s, p)
+        if self.layer_number == 1:
+            _log_kernel_once(kernel, q.device.type, dq, self.dv, s, p)
+        if kernel == "sdpa_padded_v":
+            v = F.pad(v, (0, dq - self.dv))
         if p > 0:
             with self._dropout_rng():
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **masking)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **masking)
+        if kernel == "sdpa_padded_v":
+            out = out[..., :self.dv]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
 
     @staticmethod
