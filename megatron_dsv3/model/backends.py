@@ -43,14 +43,14 @@ def require_te():
 
 def local_backend(config) -> Backend:
     from megatron.core.models.backends import LocalSpecProvider
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from .experts import GroupedExperts
+    from .linear import LocalColumnParallelLinear, LocalRowParallelLinear
     from .mla import DuplicatedLinear
     from .norm import RMSNorm
 
     sequential = LocalSpecProvider().grouped_mlp_modules(False)     # partial(SequentialMLP, submodules=...)
-    return Backend(column=ColumnParallelLinear, row=RowParallelLinear, duplicated=DuplicatedLinear,
+    return Backend(column=LocalColumnParallelLinear, row=LocalRowParallelLinear, duplicated=DuplicatedLinear,
                    norm=RMSNorm, experts=partial(GroupedExperts, **sequential.keywords))
 
 

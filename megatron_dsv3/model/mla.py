@@ -206,6 +206,7 @@ class MultiLatentAttention(MegatronModule):
             yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
             if rs is not None else 1.0)
         self.register_buffer("inv_freq", inverse_frequencies(self.dr, c.rope_theta, rs), persistent=False)
+        self._rope_cache: dict = {}
         modules = set(c.recompute_modules or ()) if c.recompute_granularity == "selective" else set()
         self.recompute_up_proj = "mla_up_proj" in modules
         self.recompute_latent_norms = "layernorm" in modules and not self.recompute_up_proj
@@ -238,12 +239,20 @@ class MultiLatentAttention(MegatronModule):
         s, b = q.shape[0], q.shape[1]
         q_nope, q_pe = q.view(s, b, self.n_local_heads, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
         k_nope, v = kv.view(s, b, self.n_local_heads, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
-        cos, sin = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
+        cos, sin = self._cos_sin(s)
         q_pe = apply_rope(q_pe.float(), cos, sin).to(q.dtype)
         k_pe = apply_rope(k_pe.unsqueeze(2).float(), cos, sin).to(q.dtype)
         query = torch.cat((q_nope, q_pe), dim=-1)
         key = torch.cat((k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)), dim=-1)
         return query, key, v.contiguous()
+
+    def _cos_sin(self, s: int):
+        """RoPE cos / sin [s, dr/2] (fp32) for positions 0..s-1, computed once per length and device."""
+        key = (s, self.inv_freq.device)
+        cached = self._rope_cache.get(key)
+        if cached is None:
+            cached = self._rope_cache[key] = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
+        return cached
 
     def _dropout_rng(self):
         """Megatron's model-parallel RNG stream for the attention dropout. Under sequence parallelism

@@ -170,17 +170,20 @@ def collect_expert_stats(config, routing_group, pp_group) -> Optional[dict]:
     load = torch.stack([_S.routers[r].load for r in routers]) if n else torch.zeros(0, E)
     cross = torch.stack([_S.routers[r].cross for r in routers]) if n else torch.zeros(0, 3)
     spread = torch.zeros(n)
+    several = torch.distributed.get_world_size(routing_group) > 1      # collectives only between ranks
     if n:
-        torch.distributed.all_reduce(load, group=routing_group)
-        torch.distributed.all_reduce(cross, group=routing_group)
+        if several:
+            torch.distributed.all_reduce(load, group=routing_group)
+            torch.distributed.all_reduce(cross, group=routing_group)
         for r in routers:
             _S.routers[r].load.zero_()
             _S.routers[r].cross.zero_()
         if routers[0].expert_bias is not None:   # every replica of a layer's bias must be identical
             bias = torch.stack([r.expert_bias.detach().float() for r in routers])
             hi, lo = bias.clone(), bias.clone()
-            torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=routing_group)
-            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=routing_group)
+            if several:
+                torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=routing_group)
+                torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=routing_group)
             spread = (hi - lo).amax(dim=1).cpu()
     payload = {
         _layer_id(r, config): {
@@ -191,7 +194,10 @@ def collect_expert_stats(config, routing_group, pp_group) -> Optional[dict]:
         } for i, r in enumerate(routers)
     }
     gathered = [None] * torch.distributed.get_world_size(pp_group)
-    torch.distributed.all_gather_object(gathered, payload, group=pp_group)
+    if len(gathered) > 1:
+        torch.distributed.all_gather_object(gathered, payload, group=pp_group)
+    else:
+        gathered = [payload]
     merged = {}
     for part in gathered:
         for layer, entry in part.items():
@@ -335,7 +341,10 @@ def _expert_section(config) -> tuple[dict, dict, list[str]]:
         _S.dispatch_bytes.zero_()
     _S.iterations_since_log = 0
     images = {}
-    if _is_last_rank() and stats:
+    from megatron.training import get_wandb_writer
+
+    wanted = get_wandb_writer() is not None or _S.heatmap_dir      # built only when W&B or a PNG takes it
+    if _is_last_rank() and stats and wanted:
         images["moe/load_heatmap"] = load_heatmap(stats, config.num_layers)
         bias = bias_heatmap(stats, config.num_layers)
         if bias is not None:
