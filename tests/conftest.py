@@ -18,3 +18,18 @@ def cpu_world():
     init_world(0, 1)
     init_model_parallel()
     yield
+
+
+@pytest.fixture
+def no_process_groups(monkeypatch):
+    """Building any process group (torch.distributed or Megatron's model-parallel state) is a test
+    failure: launch checks must refuse before any exists."""
+    import torch
+    from megatron.core import parallel_state
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process group was built during the launch checks")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    monkeypatch.setattr(torch.distributed, "new_group", refuse)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)

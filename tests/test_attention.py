@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_recompute  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, cpu_world):
     root = tmp_path_factory.mktemp("attn")
@@ -261,16 +260,6 @@ def test_layernorm_recompute_of_the_latent_norms(checkpoints):
 # ------------------------------------------------------------------------------------------------
 # Launch checks
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_process_groups(monkeypatch):
-    from megatron.core import parallel_state
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(torch.distributed, "new_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
 
 
 def _prepare(*extra):

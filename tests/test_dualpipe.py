@@ -181,16 +181,6 @@ def test_checkpoint_resumes_exactly_and_loads_under_1f1b(tmp_path):
 
 
 # ---- launch refusals (no process group) ---------------------------------------------------------------
-@pytest.fixture
-def no_process_groups(monkeypatch):
-    from megatron.core import parallel_state
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(torch.distributed, "new_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
 
 
 @pytest.mark.parametrize("world, extra, flag", [

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from launch import ROOT, TINY
 from megatron_dsv3 import registry
@@ -23,16 +22,8 @@ from megatron_dsv3.training.arguments import LaunchError, build_parser
 
 
 @pytest.fixture(autouse=True)
-def no_process_groups(monkeypatch):
-    """Building any process group during a launch check is a test failure (as in test_launch.py)."""
-    from megatron.core import parallel_state
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(torch.distributed, "new_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
+def _launch_checks_build_no_process_group(no_process_groups):
+    """Every test here runs launch checks only (tests/conftest.py: no_process_groups)."""
 
 
 def _prepare(*extra):

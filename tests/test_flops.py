@@ -3,13 +3,17 @@
 What FlopCounterMode (torch 2.13) counts here:
 - every aten.mm / addmm / bmm at 2*m*n*k;
 - SDPA: our MLA calls F.scaled_dot_product_attention(is_causal=True). With dq = dn+dr != dv (every
-  DSv3 shape) the CPU has no fused kernel, so SDPA runs its math decomposition: two full-size bmm's
+  DSv3 shape) the CPU has no fused kernel for the tensors as they are; on the tiny shapes our
+  attention_kernel rule pads V for the CPU flash kernel (uncounted, below), so these tests pin the
+  unpadded path (``math_attention``), where SDPA runs its math decomposition: two full-size bmm's
   (Q K^T over all s^2 pairs, then P V) with the causal mask applied element-wise. So the count is
   the FULL s^2, i.e. ``model_flops(..., causal=False)``; the backward of those bmm's is exactly 2x.
   (The registered fused-kernel formulas used on GPU -- flash/efficient/cudnn -- also ignore
   is_causal and count s^2; their backward formula adds the Q K^T recompute, 2*b*H*dq*s^2 per layer.)
   With dq == dv the CPU picks ``_scaled_dot_product_flash_attention_for_cpu``, which has no flop
   formula at all: the attention core counts 0 (test_cpu_fused_sdpa_is_not_counted).
+- torch._grouped_mm (our routed experts on CPU, model/experts.py) has no formula in torch 2.13: this
+  module registers one (2 x rows x inner x columns of the one grouped product, from the shapes);
 - nothing for the embedding lookup (and its backward, an index_add), norms, the router's top-k,
   the loss.
 Hence forward count == model_flops(causal=False)["total"] x batch exactly, and forward+backward
@@ -24,7 +28,7 @@ import time
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from megatron_dsv3.config import DSv3Config, cpu_overrides
 from megatron_dsv3.training.flops import (
@@ -102,6 +106,28 @@ def _measured_parts(counts: dict, cfg) -> dict:
     return out
 
 
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """2 x M x K x N summed over the groups: a [P, K] x b [E, K, N] (groups split P), a [M, P] x
+    b [P, N] (groups split the inner P; output [E, M, N]), a [E, M, K] x b [K, P] (groups split P),
+    or a batched [E, M, K] x [E, K, N]."""
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+@pytest.fixture
+def math_attention(monkeypatch):
+    """SDPA with the tensors as they are (its math decomposition on CPU, which FlopCounterMode sees)."""
+    from megatron_dsv3.model import mla
+
+    monkeypatch.setattr(mla, "attention_kernel", lambda *args: "sdpa")
+
+
 CASES = [  # (overrides, batch, seq)
     (dict(), 2, 12),                                                        # tiny: q_lora 32, MTP 1
     (dict(q_lora_rank=None, mtp_num_layers=None), 3, 7),                    # plain q, no MTP
@@ -111,14 +137,14 @@ CASES = [  # (overrides, batch, seq)
 
 
 @pytest.mark.parametrize("overrides,b,s", CASES, ids=["tiny", "no_q_lora_no_mtp", "all_moe_2shared", "mtp2"])
-def test_matches_flop_counter(cpu_world, overrides, b, s):
+def test_matches_flop_counter(cpu_world, math_attention, overrides, b, s):
     t0 = time.perf_counter()
     cfg, model = _build(**overrides)
     want = model_flops(cfg, s, causal=False)
     assert want["total"] == sum(v for k, v in want.items() if k != "total")
 
     fwd, counts, ops = _run(model, cfg.vocab_size, b, s, backward=False)
-    assert set(ops) <= {"aten.mm", "aten.bmm", "aten.addmm"}, ops
+    assert set(ops) <= {"aten.mm", "aten.bmm", "aten.addmm", "aten._grouped_mm"}, ops
     assert fwd == b * want["total"], (fwd, b * want["total"])
     got = _measured_parts(counts, cfg)
     for part in ("attn_q", "attn_kv", "attn_out", "dense_mlp", "router", "routed_experts",

@@ -17,16 +17,8 @@ from megatron_dsv3.training.arguments import LaunchError
 
 
 @pytest.fixture(autouse=True)
-def no_process_groups(monkeypatch):
-    """Building any process group during a launch check is a test failure."""
-    from megatron.core import parallel_state
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(torch.distributed, "new_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
+def _launch_checks_build_no_process_group(no_process_groups):
+    """Every test here runs launch checks only (tests/conftest.py: no_process_groups)."""
 
 
 def _prepare(*extra, base=TINY):

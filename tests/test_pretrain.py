@@ -18,7 +18,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 from launch import LAYOUTS, TINY, launch, metrics, run_ok
 
@@ -93,10 +92,14 @@ def test_resume_matches_uninterrupted_run(run_a):
 def layout_runs(run_a):
     """Each layout loads A's step-3 weights (no optimizer state: Megatron's non-distributed
     optimizer checkpoint does not reshard across layouts) and trains steps 4..6."""
+    from megatron_dsv3.checkpoint.convert import mcore_to_hf
+
     root, _ = run_a
     ckpt = _resume_from_3(root, "layouts")
     results = {"start": str(root / "hf_start")}
-    run_ok(1, TINY + STEPS + ["--load", str(ckpt), "--export-hf", results["start"], "--export-hf-dtype", "float32"])
+    # the weights as HF tensors: dsv3-convert in this process (any layout, no process group); the
+    # launcher's own --export-hf is tested in test_export_hf_of_trained_checkpoint
+    mcore_to_hf(str(ckpt), results["start"], dtype="fp32", progress=False)
     for layout, (nproc, extra) in LAYOUTS.items():
         out = root / f"{layout}.jsonl"
         saved = root / f"ckpt_after_{layout}"
@@ -104,11 +107,19 @@ def layout_runs(run_a):
                                               "--metrics-jsonl", str(out), "--save", str(saved),
                                               "--save-interval", "6"])
         results[layout] = metrics(str(out))
-        # the weights after the steps, as HF tensors (the checkpoint reshards to world size 1)
-        run_ok(1, TINY + STEPS + ["--load", str(saved), "--export-hf", str(root / f"hf_after_{layout}"),
-                                  "--export-hf-dtype", "float32"])
+        mcore_to_hf(str(saved), str(root / f"hf_after_{layout}"), dtype="fp32", progress=False)
         results[layout]["hf"] = str(root / f"hf_after_{layout}")
     return results
+
+
+def _hf_tensors(hf_dir) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(hf_dir)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(hf_dir, name)))
+    return out
 
 
 @pytest.mark.parametrize("layout", ["tp2ep2", "pp2ep2", "pp2vpp2"])
@@ -117,8 +128,6 @@ def test_layouts_match_world_size_1(layout_runs, layout):
     difference from world 1 is <= 1e-3 of how far the three Adam steps moved it (Adam divides by the
     gradient's running RMS, so an entry with a near-zero gradient turns a 1e-6 relative gradient
     difference into a larger relative update difference; measured <= 2e-5 of the weight)."""
-    from safetensors.torch import load_file
-
     ref, got = layout_runs["world1"], layout_runs[layout]
     assert sorted(k for k in got if k != "hf") == sorted(k for k in ref if k != "hf") == [4, 5, 6]
     for it in (4, 5, 6):
@@ -126,9 +135,7 @@ def test_layouts_match_world_size_1(layout_runs, layout):
             r, g = ref[it][key], got[it][key]
             assert abs(g - r) <= 1e-5 * abs(r), f"{layout} iteration {it} {key}: {g!r} vs world 1 {r!r}"
     assert ref[6]["train/lm_loss"] < ref[4]["train/lm_loss"] + 0.5  # it trained, not diverged
-    a = load_file(os.path.join(ref["hf"], "model.safetensors"))
-    b = load_file(os.path.join(got["hf"], "model.safetensors"))
-    start = load_file(os.path.join(layout_runs["start"], "model.safetensors"))
+    a, b, start = (_hf_tensors(d) for d in (ref["hf"], got["hf"], layout_runs["start"]))
     assert set(a) == set(b) == set(start)
     moved_any = False
     for name, t in a.items():

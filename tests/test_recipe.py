@@ -15,14 +15,8 @@ V3 = ["--cpu", "--dsv3-preset", "deepseek-v3", "--mock-data", "--tokenizer-type"
 
 
 @pytest.fixture(autouse=True)
-def no_process_groups(monkeypatch):
-    from megatron.core import parallel_state
-
-    def refuse(*a, **k):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
+def _launch_checks_build_no_process_group(no_process_groups):
+    """Every test here runs launch checks only (tests/conftest.py: no_process_groups)."""
 
 
 def test_preset_is_plain_rope_at_4k_with_the_report_recipe(capsys):

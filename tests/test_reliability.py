@@ -37,16 +37,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # ----------------------------------------------------------------------------------------------
 # Launch checks (no process group)
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_process_groups(monkeypatch):
-    from megatron.core import parallel_state
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a process group was built during the launch checks")
-
-    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
-    monkeypatch.setattr(torch.distributed, "new_group", refuse)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
 
 
 def _prepare(*extra):

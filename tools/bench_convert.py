@@ -34,7 +34,6 @@ sys.path.insert(0, ROOT)
 def _layers_for(size_gb: float, experts: int, hidden: int) -> int:
     import convert_synth as synth
 
-    per_layer = None
     for layers in range(2, 400):
         cfg = synth.bench_config(experts=experts, layers=layers, hidden=hidden)
         shapes = synth.tensor_shapes(cfg)

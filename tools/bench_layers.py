@@ -1,6 +1,7 @@
 """Forward+backward time of our MLA and MoE layers next to Megatron-Core 0.19.2's built-in ones.
 
     .venv/bin/python tools/bench_layers.py [--preset tiny|small] [--iters 20] [--json out.json]
+    .venv/bin/python tools/bench_layers.py --attention-kernels      # the data behind mla.attention_kernel
 
 Same config, same input, same process, interleaved repetitions; prints a table and JSON with the
 ratio ours / Megatron-Core (< 1 = ours faster). CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
@@ -95,12 +96,65 @@ def time_fwd_bwd(module, x, iters, mask=None):
     return statistics.median(times)
 
 
+#: (batch, heads, seq, q/k head, v head) of the attention-kernel table: the quickstart's, the small
+#: preset's and DeepSeek-V3's head sizes at several lengths.
+KERNEL_SHAPES = [(4, 4, 128, 24, 16), (4, 4, 256, 24, 16), (4, 4, 512, 24, 16), (2, 8, 256, 96, 64),
+                 (2, 8, 512, 96, 64), (1, 8, 1024, 96, 64), (2, 16, 256, 192, 128), (1, 16, 512, 192, 128),
+                 (1, 16, 768, 192, 128), (1, 8, 2048, 192, 128)]
+
+
+def attention_kernels(iters: int, out_json) -> None:
+    """Forward+backward of the causal attention core on CPU: SDPA as is (math kernel: the head sizes
+    differ) vs V zero-padded to the q/k head size (flash kernel), and what the rule picks."""
+    import torch.nn.functional as F
+
+    from megatron_dsv3.model.mla import attention_kernel
+
+    def run(shape, padded):
+        b, h, s, dq, dv = shape
+        q, k = (torch.randn(b, h, s, dq, requires_grad=True) for _ in range(2))
+        v = torch.randn(b, h, s, dv, requires_grad=True)
+
+        def step():
+            vv = F.pad(v, (0, dq - dv)) if padded else v
+            out = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :dv]
+            out.sum().backward()
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    rows = []
+    print(f"{'batch x heads x seq':>20} {'q/k':>4} {'v':>4} {'math ms':>9} {'padded ms':>10} {'ratio':>6}  rule "
+          f"({torch.get_num_threads()} threads)")
+    for shape in KERNEL_SHAPES:
+        math_s, padded_s = run(shape, False), run(shape, True)
+        pick = attention_kernel("cpu", shape[3], shape[4], shape[2], 0.0)
+        rows.append({"shape": shape, "math_ms": math_s * 1e3, "padded_ms": padded_s * 1e3,
+                     "ratio": padded_s / math_s, "rule": pick})
+        b, h, s, dq, dv = shape
+        print(f"{f'{b} x {h} x {s}':>20} {dq:>4} {dv:>4} {math_s * 1e3:>9.2f} {padded_s * 1e3:>10.2f} "
+              f"{padded_s / math_s:>6.2f}  {pick}", flush=True)
+    print(json.dumps(rows))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small", choices=sorted(SHAPES))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention-kernels", action="store_true",
+                    help="time the attention core's CPU kernels for MLA's unequal head sizes instead")
     args = ap.parse_args()
+    if args.attention_kernels:
+        return attention_kernels(min(args.iters, 8), args.json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from megatron_dsv3 import cpu_backend
     from megatron_dsv3.parallel.world import init_model_parallel, init_world
