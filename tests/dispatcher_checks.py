@@ -43,11 +43,12 @@ def init_parallel(tp: int, ep: int, order: str = "tp-cp-ep-dp-pp", reuse: bool =
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_dsv3.parallel.world import destroy_model_parallel
+
     if reuse and _CURRENT[0] == (tp, ep, order) and ps.model_parallel_is_initialized():
         return
     _CURRENT[0] = (tp, ep, order)
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=1, order=order)
     model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
@@ -275,7 +276,11 @@ def fp8_bound_check(x: torch.Tensor, xq: torch.Tensor) -> dict:
 
 
 def world_body(rank: int, ckpt: str, ref_path: str, out_path: str):
+    import time
+
+    t0 = time.perf_counter()
     report = {"topology": topology_checks(rank)}
+    seconds = {"topology": time.perf_counter() - t0}
     refs = torch.load(ref_path)
     moe = {}
     for name, tp, ep, rpn in MOE_LAYOUTS:
@@ -311,7 +316,9 @@ def world_body(rank: int, ckpt: str, ref_path: str, out_path: str):
             ov = run_model(ckpt, ref, tp, ep, rpn, "node_limited", overlap=True)
             entry["shared_expert_overlap_vs_alltoall"] = compare(ov, a2a)
         moe[name] = entry
+        seconds[name] = time.perf_counter() - t0
     report["moe"] = moe
+    report["seconds"] = seconds
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

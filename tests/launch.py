@@ -29,18 +29,55 @@ LAYOUTS = {
 
 
 def launch(nproc: int, args: list[str], *, timeout: int = 420, env: dict | None = None,
-           popen: bool = False, entry: list[str] | None = None):
-    """torchrun the launcher (or ``entry``: a script and its leading arguments) on ``nproc`` ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), *(entry or ["-m", "megatron_dsv3.pretrain"]), *args]
+           popen: bool = False, entry: list[str] | None = None, torchrun: bool = False):
+    """Run the launcher (or ``entry``: a script and its leading arguments) on ``nproc`` ranks: forked
+    from the pre-imported tests/zygote.py with torchrun's variables, or under torchrun itself with
+    ``torchrun=True`` or ``popen=True`` (tests of process trees, signals and exit codes)."""
+    target = [*(entry or ["-m", "megatron_dsv3.pretrain"]), *args]
     full_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", WANDB_MODE="offline",
                     PYTHONUNBUFFERED="1")
     full_env.update(env or {})
+    if not (torchrun or popen):
+        return _zygote_launch(nproc, target, full_env, timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), *target]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return out.returncode, out.stdout + out.stderr
+
+
+_ZYGOTE: list = []
+
+
+def _zygote_launch(nproc: int, target: list[str], env: dict, timeout: int):
+    import atexit
+    import tempfile
+
+    if not _ZYGOTE or _ZYGOTE[0].poll() is not None:
+        zenv = {k: v for k, v in os.environ.items() if k != "MEGATRON_DSV3_CPU"}
+        zenv.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "zygote.py")],
+                                cwd=ROOT, env=zenv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = proc.stdout.readline()
+        assert ready.startswith('{"ready"'), f"tests/zygote.py did not start: {ready!r}"
+        atexit.register(proc.kill)
+        _ZYGOTE[:] = [proc]
+    proc = _ZYGOTE[0]
+    fd, log = tempfile.mkstemp(prefix="dsv3-launch-", suffix=".log")
+    os.close(fd)
+    req = {"nproc": nproc, "target": target, "cwd": ROOT, "timeout": timeout, "log": log,
+           "env": dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))}
+    proc.stdin.write(json.dumps(req) + "\n")
+    proc.stdin.flush()
+    reply = json.loads(proc.stdout.readline())
+    with open(log) as f:
+        text = f.read()
+    os.unlink(log)
+    if reply["timed_out"]:
+        raise subprocess.TimeoutExpired(target, timeout, output=text)
+    return reply["code"], text
 
 
 def run_ok(nproc: int, args: list[str], **kw) -> str:

@@ -6,6 +6,8 @@ forward  ITER,LAYER,RANK,MICRO  decoder layer LAYER's output becomes NaN in step
                                 only, in its MICRO-th micro-batch only
 backward ITER,LAYER             the gradient flowing into decoder layer LAYER's output becomes
                                 non-finite in step ITER (the forward stays finite)
+hang     ITER,RANK              rank RANK stops (sleeps) in decoder layer 1's forward of step ITER:
+                                a hung rank, for --distributed-timeout-minutes
 weights  UNCHECKED,CHECKED      after step UNCHECKED one element of WEIGHT becomes NaN and that
                                 step's checkpoint is saved with the launcher's non-finite check
                                 switched off (then the element is restored: a checkpoint holding
@@ -64,6 +66,19 @@ def _forward(spec):
               f"micro-batch {micro}", flush=True)
         return (output[0] * float("nan"),) + tuple(output[1:])
     return layer_no, hook
+
+
+def _hang(spec):
+    it, rank = (int(x) for x in spec.split(","))
+
+    def hook(module, inputs, output):
+        if _S.step == it and torch.distributed.get_rank() == rank:
+            import time
+
+            print(f"DSV3_TEST: rank {rank} hangs in step {it}", flush=True)
+            time.sleep(3600)
+        return None
+    return 1, hook
 
 
 def _backward(spec):
@@ -141,5 +156,5 @@ if __name__ == "__main__":   # dist_checkpointing starts a spawn-context Manager
     if mode == "weights":
         _weights(spec)
     else:
-        _model_hook(*{"forward": _forward, "backward": _backward}[mode](spec))
+        _model_hook(*{"forward": _forward, "backward": _backward, "hang": _hang}[mode](spec))
     launcher.main()

@@ -217,9 +217,9 @@ def test_stock_megatron_gpt_script_trains_on_cpu(tmp_path):
              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--lr", "1e-3",
              "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--eval-iters", "0",
              "--eval-interval", "1000", "--log-interval", "1"]
-    code, log = launch(2, flags, entry=args, env={"MEGATRON_DSV3_CPU": "0"})
+    code, log = launch(2, flags, entry=args, env={"MEGATRON_DSV3_CPU": "0"}, torchrun=True)   # as users run it
     assert code == 0, log[-5000:]
     losses = [float(line.split("lm loss:")[1].split("|")[0]) for line in log.splitlines() if "lm loss:" in line]
     assert len(losses) == 4 and all(np.isfinite(losses)), log[-3000:]
-    code, log = launch(1, flags[2:] + ["--bf16"], entry=args, env={"MEGATRON_DSV3_CPU": "0"})
+    code, log = launch(1, flags[2:] + ["--bf16"], entry=args, env={"MEGATRON_DSV3_CPU": "0"}, torchrun=True)
     assert code != 0 and "--bf16" in log and "CPU backend" in log, log[-3000:]

@@ -241,7 +241,7 @@ def _logged_iterations(log: str) -> list[int]:
 def full_disk(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("full_disk") / "ckpt"
     code, log = launch(1, TINY + ["--train-iters", "4", "--save", str(ckpt), "--save-interval", "2"],
-                       entry=_driver("enospc_driver.py", "4"))
+                       entry=_driver("enospc_driver.py", "4"), torchrun=True)   # exit code through torchrun
     return ckpt, code, log
 
 
@@ -429,3 +429,20 @@ def test_nonfinite_weights_are_never_saved_and_refused_at_load(tmp_path):
     assert f"the checkpoint of iteration 1 in --load {ckpt} holds non-finite values in {WEIGHT} (1 of 4096 " \
            "elements NaN/Inf, rank 0)" in log, log[-4000:]
     assert "verified" in log and not _logged_iterations(log)
+
+
+def test_hung_rank_ends_the_job_after_the_distributed_timeout(tmp_path):
+    """Rank 1 stops inside step 2's forward; with --distributed-timeout-minutes 1 rank 0's next
+    collective times out, the job exits non-zero within about a minute (under torchrun, which then
+    ends the hung rank) and step 1's checkpoint stays the latest."""
+    ckpt = tmp_path / "ckpt"
+    started = time.time()
+    code, log = launch(2, TINY + ["--global-batch-size", "8", "--train-iters", "4", "--save", str(ckpt),
+                                  "--save-interval", "1", "--distributed-timeout-minutes", "1"],
+                       entry=_driver("nan_driver.py", "hang", "2,1"), timeout=400, torchrun=True)
+    took = time.time() - started
+    assert code != 0, log[-3000:]
+    assert "DSV3_TEST: rank 1 hangs in step 2" in log, log[-3000:]
+    assert re.search(r"[Tt]imed? ?out", log), log[-3000:]
+    assert 60 <= took < 240, took
+    assert _tracker(ckpt) == "1"

@@ -10,7 +10,7 @@
 #     --ignore-requires-python (it declares Python >= 3.12 but its cp311 wheel works).
 #  3. triton: `import megatron.core` 0.19.2 imports it unconditionally.
 #  4. this package in editable mode without dependency resolution (deps are already here), then
-#     the test-only dependency (pytest).
+#     the test-only dependencies (pytest, pytest-xdist: the tests run in 2 processes, a file each).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -55,7 +55,7 @@ echo "[setup] megatron-dsv3 (editable) and runtime dependencies"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null || "${PIP[@]}" install --no-deps -e "$ROOT"
 
 echo "[setup] test dependencies"
-"${PIP[@]}" install pytest
+"${PIP[@]}" install pytest pytest-xdist
 
 "$VENV/bin/python" -c "import megatron.core, megatron_dsv3, torch; print('[setup] ok: torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
 sha1sum "$ROOT/tools/setup_env.sh" "$ROOT/pyproject.toml" | sha1sum > "$VENV/.dsv3-setup-ok"

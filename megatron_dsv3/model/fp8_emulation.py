@@ -36,6 +36,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from ..parallel.collectives import gather_first_dim, reduce_scatter_first_dim
+
 E4M3 = torch.float8_e4m3fn
 #: Largest finite e4m3 value (448).
 E4M3_MAX = float(torch.finfo(E4M3).max)
@@ -112,24 +114,6 @@ def fp8_matmul_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # The linear: Fprop, Dgrad and Wgrad in FP8, tensor parallelism as Megatron-Core's local linear
 # ----------------------------------------------------------------------------------------------
-_all_gather = getattr(torch.distributed, "all_gather_single", None) or getattr(
-    torch.distributed, "all_gather_into_tensor", None)
-_reduce_scatter = getattr(torch.distributed, "reduce_scatter_single", None) or getattr(
-    torch.distributed, "reduce_scatter_tensor", None)
-
-
-def _gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((x.shape[0] * group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((x.shape[0] // group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter(out, x.contiguous(), group=group)
-    return out
-
-
 class FP8Linear(torch.autograd.Function):
     """``y = gather(x) @ W^T`` with the three GEMMs of Figure 6 in emulated FP8.
 
@@ -139,7 +123,7 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, sequence_parallel: bool, allreduce_dgrad: bool, tp_group):
-        total = _gather_first_dim(x, tp_group) if sequence_parallel else x
+        total = gather_first_dim(x, tp_group) if sequence_parallel else x
         K, N = weight.shape[1], weight.shape[0]
         x2 = total.reshape(-1, K)
         xq, xs = quantize(x2, (1, TILE))
@@ -161,7 +145,7 @@ class FP8Linear(torch.autograd.Function):
             dyq, dys = quantize(dy2, (1, TILE))
             dx = block_gemm(dyq, dys, 1, wq.t(), ws.t(), TILE).to(ctx.x_dtype).view(ctx.shape)
             if ctx.sequence_parallel:
-                dx = _reduce_scatter_first_dim(dx, ctx.tp_group)
+                dx = reduce_scatter_first_dim(dx, ctx.tp_group)
             elif ctx.allreduce_dgrad:
                 torch.distributed.all_reduce(dx, group=ctx.tp_group)
         if ctx.needs_input_grad[1]:

@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..collectives import gather_first_dim, reduce_scatter_first_dim
+
 
 class WeightGradStore:
     """FIFO of deferred weight gradients, one entry per input-grad-only backward."""
@@ -93,24 +95,6 @@ def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
-# torch >= 2.12 names them *_single (the *_tensor names warn)
-_all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-_reduce_scatter = (getattr(torch.distributed, "reduce_scatter_single", None)
-                   or torch.distributed.reduce_scatter_tensor)
-
-
-def _gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((x.shape[0] * group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((x.shape[0] // group.size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter(out, x.contiguous(), group=group)
-    return out
-
-
 class SplitLinear(torch.autograd.Function):
     """y = gather(x) W^T + b whose weight grad can be deferred into :data:`STORE`.
 
@@ -126,17 +110,17 @@ class SplitLinear(torch.autograd.Function):
         ctx.weight, ctx.bias = weight, bias
         ctx.has_bias = bias is not None
         ctx.sequence_parallel, ctx.allreduce_dgrad, ctx.tp_group = sequence_parallel, allreduce_dgrad, tp_group
-        total = _gather_first_dim(x, tp_group) if sequence_parallel else x
+        total = gather_first_dim(x, tp_group) if sequence_parallel else x
         y = torch.matmul(total, weight.t())
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, dy):
         (x,), weight = ctx.saved_tensors, ctx.weight
-        total = _gather_first_dim(x, ctx.tp_group) if ctx.sequence_parallel else x
+        total = gather_first_dim(x, ctx.tp_group) if ctx.sequence_parallel else x
         dx = dy.matmul(weight)
         if ctx.sequence_parallel:
-            dx = _reduce_scatter_first_dim(dx, ctx.tp_group)
+            dx = reduce_scatter_first_dim(dx, ctx.tp_group)
         elif ctx.allreduce_dgrad:
             torch.distributed.all_reduce(dx, group=ctx.tp_group)
         dy2 = dy.detach().reshape(-1, dy.shape[-1])
