@@ -29,7 +29,9 @@ def destroy_model_parallel() -> None:
     """Megatron's ``destroy_model_parallel`` forgets its groups but leaves them alive: every gloo group
     keeps its threads (Megatron builds ~100 groups per initialisation; re-initialising a few times in
     one 8-rank world on 2 cores left ~600 threads per rank and made the world 5x slower). Destroy
-    every group but the default one as well; models built on the old groups must not be used after."""
+    every group but the default one as well (also groups created outside Megatron, such as the
+    node-limited dispatcher's node groups: they belong to the old layout); models built on the old
+    groups must not be used after."""
     from torch.distributed import distributed_c10d as c10d
 
     if parallel_state.model_parallel_is_initialized():
@@ -41,7 +43,8 @@ def destroy_model_parallel() -> None:
 
 
 def init_model_parallel(tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1, seed: int = 1234):
-    """(Re)build Megatron's model-parallel groups on the current world and seed its RNG tracker."""
+    """(Re)build Megatron's model-parallel groups on the current world and seed its RNG tracker.
+    Re-initialising first destroys every process group but the default one (destroy_model_parallel)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     destroy_model_parallel()
