@@ -79,21 +79,26 @@ def moe(cfg, ours: bool):
     return layer
 
 
-def time_fwd_bwd(module, x, iters, mask=None):
-    def step():
-        out = module(x, attention_mask=mask) if mask is not None else module(x)
-        out = out[0] if isinstance(out, tuple) else out
-        out.float().sum().backward()
-    for _ in range(3):
+def median_time(step, iters: int, warmup: int, cuda: bool = False) -> float:
+    """Median seconds of ``step()`` over ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(iters):
         t = time.perf_counter()
         step()
-        if x.is_cuda:
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def time_fwd_bwd(module, x, iters, mask=None):
+    def step():
+        out = module(x, attention_mask=mask) if mask is not None else module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+    return median_time(step, iters, warmup=3, cuda=x.is_cuda)
 
 
 #: (batch, heads, seq, q/k head, v head) of the attention-kernel table: the quickstart's, the small
@@ -119,14 +124,7 @@ def attention_kernels(iters: int, out_json) -> None:
             vv = F.pad(v, (0, dq - dv)) if padded else v
             out = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :dv]
             out.sum().backward()
-        for _ in range(2):
-            step()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return median_time(step, iters, warmup=2)
 
     rows = []
     print(f"{'batch x heads x seq':>20} {'q/k':>4} {'v':>4} {'math ms':>9} {'padded ms':>10} {'ratio':>6}  rule "
