@@ -28,8 +28,19 @@ def checkpoints(tmp_path_factory, cpu_world):
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(params=["auto", "onednn"])
+def gemm_mode(request):
+    """The CPU products as the rule picks them (torch's BLAS at these sizes), and all on oneDNN."""
+    from megatron_dsv3.model import gemm
+
+    before = gemm.mode()
+    gemm.set_mode(request.param)
+    yield request.param
+    gemm.set_mode(before)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_and_mtp_match_transformers(checkpoints, variant):
+def test_logits_and_mtp_match_transformers(checkpoints, variant, gemm_mode):
     from megatron_dsv3 import hf
 
     path, cfg = checkpoints[variant]

@@ -2,6 +2,8 @@
 
     .venv/bin/python tools/bench_layers.py [--preset tiny|small] [--iters 20] [--json out.json]
     .venv/bin/python tools/bench_layers.py --attention-kernels      # the data behind mla.attention_kernel
+    .venv/bin/python tools/bench_layers.py --gemm                   # the data behind model/gemm.py's rule
+    MEGATRON_DSV3_CPU_GEMM=blas .venv/bin/python tools/bench_layers.py   # ours without oneDNN products
 
 Same config, same input, same process, interleaved repetitions; prints a table and JSON with the
 ratio ours / Megatron-Core (< 1 = ours faster). CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
@@ -143,6 +145,42 @@ def attention_kernels(iters: int, out_json) -> None:
             json.dump(rows, f, indent=1)
 
 
+#: (M, K, N) of the GEMM table: the quickstart's products around the rule's threshold, the small
+#: preset's and larger ones
+GEMM_SHAPES = [(512, 16, 64), (512, 64, 48), (512, 64, 64), (512, 96, 64), (512, 64, 128), (512, 64, 767),
+               (128, 512, 512), (512, 512, 512), (512, 512, 1024), (2048, 512, 512)]
+
+
+def gemm_table(iters: int, out_json) -> None:
+    """Forward+backward of one linear layer [M, K] x [K, N] on CPU: torch's F.linear (MKL) vs
+    megatron_dsv3.model.gemm on oneDNN, and what the rule picks."""
+    import torch.nn.functional as F
+
+    from megatron_dsv3.model import gemm
+
+    def run(shape, fn):
+        m, k, n = shape
+        x = torch.randn(m, k, requires_grad=True)
+        w = torch.randn(n, k, requires_grad=True)
+        return median_time(lambda: fn(x, w).sum().backward(), iters, warmup=3)
+
+    gemm.set_mode("onednn")
+    rows = []
+    print(f"{'M x K x N':>18} {'MACs':>8} {'BLAS ms':>8} {'oneDNN ms':>10} {'ratio':>6}  rule ({torch.get_num_threads()} threads)")
+    for shape in GEMM_SHAPES:
+        blas_s, dnn_s = run(shape, F.linear), run(shape, gemm.linear)
+        macs = shape[0] * shape[1] * shape[2]
+        pick = "oneDNN" if macs >= gemm.MIN_MACS else "BLAS"
+        rows.append({"shape": shape, "blas_ms": blas_s * 1e3, "onednn_ms": dnn_s * 1e3, "ratio": dnn_s / blas_s,
+                     "rule": pick})
+        print(f"{' x '.join(map(str, shape)):>18} {macs / 1e6:>7.1f}M {blas_s * 1e3:>8.3f} {dnn_s * 1e3:>10.3f} "
+              f"{dnn_s / blas_s:>6.2f}  {pick}", flush=True)
+    print(json.dumps(rows))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small", choices=sorted(SHAPES))
@@ -150,9 +188,13 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--attention-kernels", action="store_true",
                     help="time the attention core's CPU kernels for MLA's unequal head sizes instead")
+    ap.add_argument("--gemm", action="store_true",
+                    help="time one linear layer on torch's BLAS vs oneDNN (model/gemm.py's rule) instead")
     args = ap.parse_args()
     if args.attention_kernels:
         return attention_kernels(min(args.iters, 8), args.json)
+    if args.gemm:
+        return gemm_table(args.iters, args.json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from megatron_dsv3 import cpu_backend
     from megatron_dsv3.parallel.world import init_model_parallel, init_world
@@ -177,10 +219,14 @@ def main():
             t_theirs.append(time_fwd_bwd(b, x, args.iters, mask))
         o, t = min(t_ours), min(t_theirs)
         rows.append({"layer": name, "ours_ms": o * 1e3, "megatron_core_ms": t * 1e3, "ratio": o / t})
+    from megatron_dsv3.model import gemm
+
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "preset": args.preset, "seq": seq, "batch": batch,
+              "threads": torch.get_num_threads(), "cpu_gemm": gemm.mode(), "preset": args.preset, "seq": seq,
+              "batch": batch,
               "dtype": str(dtype), "rows": rows}
-    print(f"{'layer':<6} {'ours ms':>10} {'mcore ms':>10} {'ours/mcore':>11}   ({result['device']}, {args.preset}, fwd+bwd)")
+    print(f"{'layer':<6} {'ours ms':>10} {'mcore ms':>10} {'ours/mcore':>11}   ({result['device']}, {args.preset}, "
+          f"fwd+bwd, {result['threads']} threads, MEGATRON_DSV3_CPU_GEMM={result['cpu_gemm']})")
     for r in rows:
         print(f"{r['layer']:<6} {r['ours_ms']:>10.2f} {r['megatron_core_ms']:>10.2f} {r['ratio']:>11.2f}")
     print(json.dumps(result))

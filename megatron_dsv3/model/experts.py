@@ -1,20 +1,21 @@
 """Routed experts of the local backend: Megatron-Core's ``SequentialMLP`` (its per-expert parameters,
 names, sharding and checkpoint layout, so the HF key table and expert parallelism are unchanged)
-computed as grouped matmuls: one ``torch._grouped_mm`` per projection for all local experts instead
-of one matmul, activation and weighting per expert.
+computed as grouped matmuls: one autograd node per projection for all local experts
+(:func:`megatron_dsv3.model.gemm.grouped_linear`) and one activation and probability weighting for
+all tokens, instead of a linear, activation and weighting per expert.
 
 Legend: P = tokens routed to this rank's experts (sorted by expert), h = hidden, I = expert width,
-E = local experts, n_e = tokens of expert e (``tokens_per_expert``).
+n_e = tokens of expert e (``tokens_per_expert``), W1_e [2I, h] / W2_e [h, I] = expert e's fc1 / fc2.
 
-    W1 = stack(fc1 weights)            [E, 2I, h]      W2 = stack(fc2 weights)    [E, h, I]
-    y  = x_e @ W1[e]^T  for each block e of x [P, h]   (one grouped matmul)       [P, 2I]
+    y  = x_e @ W1_e^T  for each block e of x [P, h]    (one grouped linear)       [P, 2I]
     a  = silu(y[:, :I]) * y[:, I:] * probs                                        [P, I]
-    out = a_e @ W2[e]^T                                (one grouped matmul)       [P, h]
+    out = a_e @ W2_e^T                                  (one grouped linear)       [P, h]
 
-Identical to SequentialMLP's per-expert loop (the same matmuls, the same element-wise maths;
-tested bit for bit). The grouped path runs on CPU tensors without FP8 / expert-TP / fused bias-SwiGLU;
-otherwise it is SequentialMLP (on GPUs grouped GEMMs come from Transformer Engine's TEGroupedMLP,
-``--moe-grouped-gemm``).
+The same element-wise maths as SequentialMLP's per-expert loop; with ``MEGATRON_DSV3_CPU_GEMM=blas``
+the same matmuls too (tested bit for bit), by default large products run on oneDNN (within fp32
+rounding, see gemm.py). The grouped path runs on CPU tensors without FP8 / expert-TP / fused
+bias-SwiGLU; otherwise it is SequentialMLP (on GPUs grouped GEMMs come from Transformer Engine's
+TEGroupedMLP, ``--moe-grouped-gemm``).
 """
 from __future__ import annotations
 
@@ -22,12 +23,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-
-def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    """torch's grouped-matmul backward needs a dense incoming gradient (a broadcast one fails)."""
-    if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
-    return t
+from .gemm import grouped_linear
 
 
 class GroupedExperts(SequentialMLP):
@@ -46,13 +42,10 @@ class GroupedExperts(SequentialMLP):
         x = permuted_local_hidden_states
         if not self._grouped(x):
             return super().forward(x, tokens_per_expert, permuted_probs)
-        counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).reshape(-1)
-        offs = counts.cumsum(0).to(torch.int32)
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])          # [E, 2I, h]
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])          # [E, h, I]
-        y = _contiguous_grad(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))
+        counts = torch.as_tensor(tokens_per_expert).reshape(-1).tolist()
+        y = grouped_linear(x, counts, [e.linear_fc1.weight for e in self.local_experts])          # [P, 2I]
         gate, up = torch.chunk(y, 2, dim=-1)
         a = F.silu(gate) * up
         a = (a * permuted_probs.unsqueeze(-1)).to(a.dtype)
-        out = _contiguous_grad(torch._grouped_mm(a, w2.transpose(1, 2), offs=offs))
+        out = grouped_linear(a, counts, [e.linear_fc2.weight for e in self.local_experts])        # [P, h]
         return out, None

@@ -4,16 +4,18 @@ At tensor-parallel size 1, without sequence parallelism, gradient-accumulation f
 embedding weight gradients or CPU offloading, Megatron-Core's ``ColumnParallelLinear`` /
 ``RowParallelLinear`` still run their Python autograd function
 (``LinearWithGradAccumulationAndAsyncCommunication``), whose forward and backward compute exactly
-``F.linear`` and its two gradient matmuls. These subclasses call ``F.linear`` there (torch's C++
-autograd: about 35 us less per forward+backward of a [512, 64] x [64, 96] linear on one CPU thread,
-tools/bench_layers.py) and Megatron-Core's own forward everywhere else; parameters, their attributes,
+``F.linear`` and its two gradient matmuls. These subclasses call :func:`megatron_dsv3.model.gemm.linear`
+there (``F.linear`` - torch's C++ autograd, about 35 us less per forward+backward of a [512, 64] x
+[64, 96] linear on one CPU thread - or, for large fp32 products on CPU, oneDNN: see gemm.py) and
+Megatron-Core's own forward everywhere else; parameters, their attributes,
 sharding and checkpoint keys are Megatron-Core's. A layer whose ``_forward_impl`` was replaced on
 the instance (the DualPipe weight-gradient split, ``parallel/schedules/wgrad.py``) keeps it.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from .gemm import linear
 
 
 def _plain(layer) -> bool:
@@ -24,23 +26,23 @@ def _plain(layer) -> bool:
 
 
 class LocalColumnParallelLinear(ColumnParallelLinear):
-    """``ColumnParallelLinear``; ``F.linear`` when nothing is parallel (see the module doc)."""
+    """``ColumnParallelLinear``; a plain linear when nothing is parallel (see the module doc)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is not None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
         if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+            return linear(input_, self.weight), self.bias
+        return linear(input_, self.weight, self.bias), None
 
 
 class LocalRowParallelLinear(RowParallelLinear):
-    """``RowParallelLinear``; ``F.linear`` when nothing is parallel (see the module doc)."""
+    """``RowParallelLinear``; a plain linear when nothing is parallel (see the module doc)."""
 
     def forward(self, input_):
         if not _plain(self):
             return super().forward(input_)
-        out = F.linear(input_, self.weight)
+        out = linear(input_, self.weight)
         if self.skip_bias_add:
             return out, self.bias
         return (out + self.bias if self.bias is not None else out), None

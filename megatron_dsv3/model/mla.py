@@ -56,6 +56,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import log_single_rank
 
+from .gemm import linear
 from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
 
 
@@ -122,7 +123,7 @@ class DuplicatedLinear(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor):
-        return F.linear(x, self.weight), None
+        return linear(x, self.weight), None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional
 
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
@@ -39,6 +40,7 @@ from ..compat.patches import checkpoint_without_output_fp8, quiet_gpt_deprecatio
 from ..config import DSv3Config
 from ..registry import SPECS, register
 from .backends import backend_for, mtp_decoder_layer
+from .linear import LocalColumnParallelLinear
 from .mla import MLASubmodules, MultiLatentAttention
 from .moe import DSv3MoELayer
 from .mtp import mtp_layer_spec
@@ -127,7 +129,7 @@ def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: b
     Collective when the token dispatcher needs a node topology (every rank must call it)."""
     patches.apply([quiet_gpt_deprecation.PATCH, checkpoint_without_output_fp8.PATCH])
     topology = build_topology(config, pg_collection)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_dsv3_decoder_block_spec(config, vp_stage=vp_stage, topology=topology),
         vocab_size=config.vocab_size,
@@ -141,3 +143,10 @@ def build_model(config: DSv3Config, *, pre_process: bool = True, post_process: b
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    head = getattr(model, "output_layer", None)
+    if config.transformer_impl == "local" and type(head) is tensor_parallel.ColumnParallelLinear:
+        # GPTModel builds its output head from Megatron's class, not from the spec: give it the local
+        # backend's forward (LocalColumnParallelLinear only adds a forward; parameters, attributes and
+        # checkpoint keys stay Megatron's)
+        head.__class__ = LocalColumnParallelLinear
+    return model
