@@ -3,6 +3,7 @@ same ``megatron.training`` loop, same model shape, data, batch and flags; runs i
 
     .venv/bin/python tools/bench_train.py                         # CPU: world size 1, one thread
     .venv/bin/python tools/bench_train.py --iters 40 --rounds 3 --json out.json
+    .venv/bin/python tools/bench_train.py --concurrent --rounds 6  # both at once, one core each
     .venv/bin/python tools/bench_train.py --gpu --bf16            # on a GPU (tools/gpu_check.sh)
 
 ours:      ``megatron_dsv3.pretrain`` (our MLA, router, MTP, experts through our specs).
@@ -15,7 +16,13 @@ built-in:  Megatron-Core 0.19.2's own GPTModel from its local (or TE) layer spec
            rule at these shapes, equal work.
 Measured per run: the steady-state iteration time (median of Megatron's interval timer after a warm-up),
 tokens/s, TFLOP/s per device from megatron_dsv3's exact FLOP count (the same model shape, so the same
-FLOPs for both), and the process's peak RSS (psutil, sampled every 20 ms). Prints a table and JSON.
+FLOPs for both), and the process's peak RSS (psutil, sampled every 20 ms). Prints a table and JSON:
+the ratio of the two sides' median iteration times, and the ratio within each round (the two runs of a
+round are next to each other in time, so they share most of a shared machine's slow phases) with its
+median and range.
+
+Our CPU products follow ``MEGATRON_DSV3_CPU_GEMM`` (model/gemm.py; default ``auto``); run with
+``MEGATRON_DSV3_CPU_GEMM=blas`` to measure ours on torch's BLAS like the built-in side.
 """
 from __future__ import annotations
 
@@ -167,7 +174,8 @@ def _steady_seconds(path: str, key: str, warmup: int) -> float:
     return statistics.median(steps[warmup:])
 
 
-def run(side: str, iters: int, tmp: str, gpu: bool, bf16: bool) -> dict:
+def start(side: str, iters: int, tmp: str, gpu: bool, bf16: bool, core=None) -> dict:
+    """Launch one side's training run (pinned to CPU ``core`` with its data-loader workers, if given)."""
     out = os.path.join(tmp, f"{side}.jsonl")
     if os.path.exists(out):
         os.remove(out)
@@ -183,16 +191,27 @@ def run(side: str, iters: int, tmp: str, gpu: bool, bf16: bool) -> dict:
     else:
         impl = [] if gpu else ["--transformer-impl", "local"]
         cmd = [sys.executable, "-c", BUILTIN_DRIVER, *BUILTIN_FLAGS, *flags, *impl]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pin = None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=pin)
     peak: list = []
     watcher = threading.Thread(target=_peak_rss, args=(proc, peak))
     watcher.start()
-    log, _ = proc.communicate()
-    watcher.join()
-    if proc.returncode:
-        raise SystemExit(f"{side} run failed:\n{log[-4000:]}")
-    seconds = _steady_seconds(out, "perf/iteration_time_s" if side == "ours" else "timer", warmup=5)
-    return {"seconds": seconds, "peak_rss": peak[0] if peak else 0}
+    return {"side": side, "proc": proc, "watcher": watcher, "peak": peak, "out": out}
+
+
+def finish(run_: dict) -> dict:
+    log, _ = run_["proc"].communicate()
+    run_["watcher"].join()
+    if run_["proc"].returncode:
+        raise SystemExit(f"{run_['side']} run failed:\n{log[-4000:]}")
+    key = "perf/iteration_time_s" if run_["side"] == "ours" else "timer"
+    seconds = _steady_seconds(run_["out"], key, warmup=5)
+    return {"seconds": seconds, "peak_rss": run_["peak"][0] if run_["peak"] else 0}
+
+
+def run(side: str, iters: int, tmp: str, gpu: bool, bf16: bool) -> dict:
+    return finish(start(side, iters, tmp, gpu, bf16))
 
 
 def main(argv=None) -> None:
@@ -202,7 +221,12 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu", action="store_true", help="run on the GPU (Transformer Engine layers when installed)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="CPU: run the two sides at the same time, each pinned to its own core (the cores "
+                         "swap every round), so both see the same phases of a noisy shared machine")
     a = ap.parse_args(argv)
+    if a.concurrent and (a.gpu or len(os.sched_getaffinity(0)) < 2):
+        ap.error("--concurrent needs a CPU run and at least 2 cores")
     from megatron_dsv3.config import DSv3Config
     from megatron_dsv3.training.flops import train_flops_per_iteration
 
@@ -211,9 +235,15 @@ def main(argv=None) -> None:
     tokens = 16 * SHAPE["seq"]
     results = {"ours": [], "builtin": []}
     with tempfile.TemporaryDirectory() as tmp:
+        cores = sorted(os.sched_getaffinity(0))[:2]
         for r in range(a.rounds):
-            for side in ("ours", "builtin"):
-                res = run(side, a.iters, tmp, a.gpu, a.bf16)
+            if a.concurrent:
+                pair = {side: start(side, a.iters, tmp, a.gpu, a.bf16, core=cores[(i + r) % 2])
+                        for i, side in enumerate(("ours", "builtin"))}
+                done = {side: finish(run_) for side, run_ in pair.items()}
+            else:
+                done = {side: run(side, a.iters, tmp, a.gpu, a.bf16) for side in ("ours", "builtin")}
+            for side, res in done.items():
                 results[side].append(res)
                 print(f"round {r + 1}/{a.rounds} {side:8s}: {res['seconds'] * 1e3:7.1f} ms/iteration, "
                       f"peak RSS {res['peak_rss'] / 2**20:7.1f} MiB", flush=True)
@@ -224,13 +254,21 @@ def main(argv=None) -> None:
                          "tflops_per_device": flops / sec / 1e12,
                          "peak_rss_mib": max(r["peak_rss"] for r in runs) / 2**20}
     summary["speedup"] = summary["ours"]["tokens_per_s"] / summary["builtin"]["tokens_per_s"]
+    paired = [b["seconds"] / o["seconds"] for o, b in zip(results["ours"], results["builtin"])]
+    summary["speedup_per_round"] = paired
+    summary["speedup_per_round_median"] = statistics.median(paired)
+    summary["cpu_gemm"] = os.environ.get("MEGATRON_DSV3_CPU_GEMM", "auto")
+    summary["mode"] = "concurrent, one core each" if a.concurrent else "one after the other"
     summary["memory_ratio"] = summary["ours"]["peak_rss_mib"] / summary["builtin"]["peak_rss_mib"]
     print(f"\n{'':<10} {'ms/iter':>9} {'tokens/s':>10} {'TFLOP/s/dev':>12} {'peak RSS MiB':>13}")
     for side in ("ours", "builtin"):
         s = summary[side]
         print(f"{side:<10} {s['iteration_ms']:>9.1f} {s['tokens_per_s']:>10.0f} {s['tflops_per_device']:>12.5f} "
               f"{s['peak_rss_mib']:>13.1f}")
-    print(f"ours / built-in: tokens/s x{summary['speedup']:.2f}, peak memory x{summary['memory_ratio']:.2f}")
+    print(f"ours / built-in: tokens/s x{summary['speedup']:.2f}, peak memory x{summary['memory_ratio']:.2f}; "
+          f"within each round x{summary['speedup_per_round_median']:.2f} (median; "
+          f"{min(paired):.2f}-{max(paired):.2f}); runs {summary['mode']}; "
+          f"MEGATRON_DSV3_CPU_GEMM={summary['cpu_gemm']}")
     print(json.dumps(summary))
     if a.json:
         with open(a.json, "w") as f:
