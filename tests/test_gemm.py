@@ -1,5 +1,6 @@
-"""megatron_dsv3.model.gemm (fp32 CPU products on oneDNN or torch's BLAS) against float64 references,
-the rule that picks between them, and the grouped experts against Megatron-Core's SequentialMLP."""
+"""The CPU kernels: megatron_dsv3.model.gemm (fp32 products on oneDNN or torch's BLAS) against float64
+references, the rule that picks between them, the grouped experts against Megatron-Core's
+SequentialMLP, and the fp32 RMSNorm autograd function against its composite form."""
 from __future__ import annotations
 
 import pytest
@@ -189,3 +190,31 @@ def test_expanded_gradient_is_made_dense(set_mode):
     x, w, _, _ = _linear_case((256, 128), 96, False)
     gemm.linear(x, w).sum().backward()
     assert _rel(w.grad, x.detach().double().sum(0).expand(96, 128)) < FP32_REL
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 64), (16, 512)])
+def test_rmsnorm_function(shape):
+    """fp32: forward bit for bit with the composite maths, gradients within fp32 rounding of float64;
+    other dtypes keep the composite (bf16 casts back before the gain, as DeepSeek-V3 does)."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False), shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    dy = torch.randn(*shape, generator=g)
+    y = norm(x)
+    assert type(y.grad_fn).__name__ == "_RMSNormFp32Backward"
+    y.backward(dy)
+    with torch.no_grad():
+        composite = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(y, composite)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    gx, gw = torch.autograd.grad(ref, (x64, w64), dy.double())
+    assert _rel(x.grad, gx) < FP32_REL and _rel(norm.weight.grad, gw) < FP32_REL
+    bf = RMSNorm(SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=False), shape[-1])
+    assert type(bf(x.detach().bfloat16().requires_grad_()).grad_fn).__name__ != "_RMSNormFp32Backward"
