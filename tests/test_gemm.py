@@ -137,6 +137,11 @@ def test_mode_is_checked(set_mode, monkeypatch):
     monkeypatch.setenv("MEGATRON_DSV3_CPU_GEMM", "blas")
     monkeypatch.setitem(gemm._state, "mode", None)         # read the environment again
     assert gemm.mode() == "blas"
+    monkeypatch.setattr(gemm, "onednn_available", lambda: False)   # a torch built without oneDNN
+    with pytest.raises(RuntimeError, match="no oneDNN.*MEGATRON_DSV3_CPU_GEMM=blas"):
+        gemm.set_mode("onednn")
+    gemm.set_mode("auto")
+    assert gemm.mode() == "blas" and "auto, but this torch build has no oneDNN" in gemm._state["why"]
 
 
 @pytest.mark.parametrize("mode", ["blas", "onednn"])

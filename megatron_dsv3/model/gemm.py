@@ -34,7 +34,7 @@ MODES = ("auto", "onednn", "blas")
 ENV = "MEGATRON_DSV3_CPU_GEMM"
 
 _log = logging.getLogger(__name__)
-_state = {"mode": None, "logged": False}
+_state = {"mode": None, "logged": False, "why": ""}
 
 
 def mode() -> str:
@@ -51,8 +51,10 @@ def set_mode(value: str) -> None:
         if value == "onednn":
             raise RuntimeError(f"{ENV}=onednn, but this torch build has no oneDNN (torch.backends.mkldnn); "
                                f"use {ENV}=blas")
-        value = "blas"  # auto on a torch without oneDNN: there is nothing to choose
-    _state["mode"], _state["logged"] = value, False
+        value, why = "blas", f"{ENV}=auto, but this torch build has no oneDNN"
+    else:
+        why = f"{ENV}={value}"
+    _state["mode"], _state["logged"], _state["why"] = value, False, why
 
 
 def onednn_available() -> bool:
@@ -67,7 +69,7 @@ def _log_once() -> None:
 
     what = {"auto": f"oneDNN for products of >= {MIN_MACS:.0e} multiply-adds, torch's BLAS below",
             "onednn": "oneDNN for every product", "blas": "torch's BLAS (MKL) for every product"}[_state["mode"]]
-    log_single_rank(_log, logging.INFO, f"fp32 CPU matmuls: {what} ({ENV}={_state['mode']})")
+    log_single_rank(_log, logging.INFO, f"fp32 CPU matmuls: {what} ({_state['why']})")
 
 
 def _onednn(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
