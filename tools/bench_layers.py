@@ -95,6 +95,14 @@ def median_time(step, iters: int, warmup: int, cuda: bool = False) -> float:
     return statistics.median(times)
 
 
+def emit(result, out_json) -> None:
+    """The machine-readable line, and the JSON file when asked for."""
+    print(json.dumps(result))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def time_fwd_bwd(module, x, iters, mask=None):
     def step():
         out = module(x, attention_mask=mask) if mask is not None else module(x)
@@ -139,10 +147,7 @@ def attention_kernels(iters: int, out_json) -> None:
         b, h, s, dq, dv = shape
         print(f"{f'{b} x {h} x {s}':>20} {dq:>4} {dv:>4} {math_s * 1e3:>9.2f} {padded_s * 1e3:>10.2f} "
               f"{padded_s / math_s:>6.2f}  {pick}", flush=True)
-    print(json.dumps(rows))
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, out_json)
 
 
 #: (M, K, N) of the GEMM table: the quickstart's products around the rule's threshold, the small
@@ -175,10 +180,7 @@ def gemm_table(iters: int, out_json) -> None:
                      "rule": pick})
         print(f"{' x '.join(map(str, shape)):>18} {macs / 1e6:>7.1f}M {blas_s * 1e3:>8.3f} {dnn_s * 1e3:>10.3f} "
               f"{dnn_s / blas_s:>6.2f}  {pick}", flush=True)
-    print(json.dumps(rows))
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, out_json)
 
 
 def main():
@@ -229,10 +231,7 @@ def main():
           f"fwd+bwd, {result['threads']} threads, MEGATRON_DSV3_CPU_GEMM={result['cpu_gemm']})")
     for r in rows:
         print(f"{r['layer']:<6} {r['ours_ms']:>10.2f} {r['megatron_core_ms']:>10.2f} {r['ratio']:>11.2f}")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
