@@ -223,3 +223,42 @@ def test_rmsnorm_function(shape):
     assert _rel(x.grad, gx) < FP32_REL and _rel(norm.weight.grad, gw) < FP32_REL
     bf = RMSNorm(SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=False), shape[-1])
     assert type(bf(x.detach().bfloat16().requires_grad_()).grad_fn).__name__ != "_RMSNormFp32Backward"
+
+
+def test_cross_entropy_matches_megatrons(cpu_world):
+    """DSv3GPTModel's loss at TP 1 (F.cross_entropy) = GPTModel's vocab-parallel cross entropy within
+    fp32 rounding, loss and logits gradient, [b, s] out; a fusion flag keeps Megatron's."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_dsv3.config import DSv3Config, cpu_overrides
+    from megatron_dsv3.model.spec import DSv3GPTModel, build_model
+
+    model_parallel_cuda_manual_seed(3)
+    model = build_model(DSv3Config.from_preset("tiny", **cpu_overrides(), num_layers=2))
+    assert type(model) is DSv3GPTModel
+    g = torch.Generator().manual_seed(4)
+    s, b, v = 9, 3, model.vocab_size
+    logits = torch.randn(s, b, v, generator=g) * 3
+    labels = torch.randint(0, v, (b, s), generator=g)
+    dl = torch.randn(b, s, generator=g)
+    out = {}
+    for name, fn in (("ours", model.compute_language_model_loss),
+                     ("megatron", lambda lab, lg: GPTModel.compute_language_model_loss(model, lab, lg))):
+        x = logits.clone().requires_grad_()
+        with _Ops() as ops:
+            loss = fn(labels, x)
+        loss.backward(dl)
+        out[name] = (loss, x.grad, ops.names)
+    assert out["ours"][0].shape == (b, s)
+    assert _rel(out["ours"][0], out["megatron"][0].double()) < FP32_REL
+    assert _rel(out["ours"][1], out["megatron"][1].double()) < FP32_REL
+    assert "aten.nll_loss_forward" in out["ours"][2] and "aten.nll_loss_forward" not in out["megatron"][2]
+    model.config.cross_entropy_loss_fusion = True            # asked for: Megatron's fused cross entropy
+    try:
+        with _Ops() as ops:
+            fused = model.compute_language_model_loss(labels, logits.clone())
+    finally:
+        model.config.cross_entropy_loss_fusion = False
+    assert "aten.nll_loss_forward" not in ops.names
+    assert _rel(fused, out["megatron"][0].double()) < FP32_REL
