@@ -78,7 +78,7 @@ def _run(model, vocab, b, s, backward: bool):
 
 def _measured_parts(counts: dict, cfg) -> dict:
     """FlopCounterMode's per-module counts, grouped into model_flops' parts."""
-    get = lambda name: counts.get("GPTModel." + name, 0)  # noqa: E731
+    get = lambda name: counts.get("DSv3GPTModel." + name, 0)  # noqa: E731  (FlopCounterMode names the root by class)
     L, Ld, D = cfg.num_layers, cfg.first_k_dense_replace, cfg.mtp_num_layers or 0
     out = dict.fromkeys(PARTS + ("attn_core", "head_all"), 0)
     for i in range(L):

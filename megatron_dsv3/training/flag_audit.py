@@ -494,8 +494,10 @@ _FUSION = [
          "projections and router use plain autograd, whose gradient Megatron's DDP adds to main_grad", "fusion",
          dest="gradient_accumulation_fusion"),
     Flag("--cross-entropy-loss-fusion", HONOURED,
-         "GPTModel's loss (kept), for the LM head and the MTP heads", "fusion"),
-    Flag("--cross-entropy-fusion-impl", HONOURED, "GPTModel's loss (kept)", "fusion"),
+         "GPTModel's fused loss (kept), for the LM head and the MTP heads; without it, at TP 1 in fp32 "
+         "DSv3GPTModel uses torch's F.cross_entropy", "fusion"),
+    Flag("--cross-entropy-fusion-impl", HONOURED, "GPTModel's fused loss (kept, with --cross-entropy-loss-fusion)",
+         "fusion"),
     Flag("--fp16-lm-cross-entropy", REFUSED,
          "our model builder computes the LM loss in fp32 (it does not pass this fp16 option to GPTModel); "
          "drop it", "fusion"),
