@@ -348,3 +348,19 @@ def test_token_id_check_is_sampled(tmp_path, monkeypatch):
     assert "token id 999 (token 199, document 19)" in msg and "4 samples" in msg
     docs[-1][-1], docs[9][0] = 1, 999                              # token 90: between the windows
     _prepare("--data-path", _dataset(str(tmp_path / "middle"), docs), base=DATA_BASE)
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
+    """Rendezvous ports come from below the kernel's ephemeral range, which outgoing connections (gloo
+    opens many) also draw from: a port picked there could be taken before the rendezvous binds it."""
+    import socket
+
+    from megatron_dsv3.parallel import world
+
+    low = world._ephemeral_low()
+    ports = {world.free_port() for _ in range(16)}
+    assert len(ports) > 1
+    for port in ports:
+        assert low <= 11000 or 10000 <= port < low, (port, low)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

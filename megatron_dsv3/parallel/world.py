@@ -3,6 +3,7 @@ a gloo world on localhost, Megatron's model-parallel groups on it, and a spawn h
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import torch
@@ -11,9 +12,30 @@ from megatron.core import parallel_state
 
 
 def free_port() -> int:
+    """A localhost TCP port nothing listens on, drawn below the kernel's ephemeral range: ports from
+    that range also go to outgoing connections (a gloo world opens many), so one picked there can be
+    taken before the rendezvous binds it (EADDRINUSE). Falls back to a kernel-chosen port."""
+    low = _ephemeral_low()
+    draw = random.SystemRandom()             # independent of any random.seed() in the caller
+    for _ in range(64 if low > 11000 else 0):
+        port = draw.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def init_world(rank: int = 0, world_size: int = 1, port: int | None = None, backend: str = "gloo"):
