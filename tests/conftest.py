@@ -33,3 +33,13 @@ def no_process_groups(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
     monkeypatch.setattr(torch.distributed, "new_group", refuse)
     monkeypatch.setattr(parallel_state, "initialize_model_parallel", refuse)
+
+
+@pytest.fixture
+def set_gemm_mode():
+    """megatron_dsv3.model.gemm.set_mode, with the process's mode restored afterwards."""
+    from megatron_dsv3.model import gemm
+
+    before = gemm.mode()
+    yield gemm.set_mode
+    gemm.set_mode(before)

@@ -12,8 +12,11 @@ What FlopCounterMode (torch 2.13) counts here:
   is_causal and count s^2; their backward formula adds the Q K^T recompute, 2*b*H*dq*s^2 per layer.)
   With dq == dv the CPU picks ``_scaled_dot_product_flash_attention_for_cpu``, which has no flop
   formula at all: the attention core counts 0 (test_cpu_fused_sdpa_is_not_counted).
-- torch._grouped_mm (our routed experts on CPU, model/experts.py) has no formula in torch 2.13: this
-  module registers one (2 x rows x inner x columns of the one grouped product, from the shapes);
+- torch._grouped_mm (our routed experts on CPU while their products stay on torch's BLAS,
+  model/gemm.py's grouped_linear) has no formula in torch 2.13: this module registers one (2 x rows x
+  inner x columns of the one grouped product, from the shapes). At these sizes every product is
+  below gemm.MIN_MACS, so none runs on oneDNN (whose calls FlopCounterMode would not see: the exact
+  totals below would fail);
 - nothing for the embedding lookup (and its backward, an index_add), norms, the router's top-k,
   the loss.
 Hence forward count == model_flops(causal=False)["total"] x batch exactly, and forward+backward

@@ -27,13 +27,6 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def set_mode():
-    before = gemm.mode()
-    yield gemm.set_mode
-    gemm.set_mode(before)
-
-
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
@@ -60,8 +53,8 @@ def _float64_linear(x, w, b, dy):
 @pytest.mark.parametrize("x_shape,n,bias", [((512, 64), 767, False), ((96, 4, 96), 64, True),
                                             ((128, 512), 512, False), ((8, 16), 24, True)],
                          ids=["head", "3d_bias", "square", "small"])
-def test_linear_matches_float64(set_mode, mode, x_shape, n, bias):
-    set_mode(mode)
+def test_linear_matches_float64(set_gemm_mode, mode, x_shape, n, bias):
+    set_gemm_mode(mode)
     x, w, b, dy = _linear_case(x_shape, n, bias)
     with _Ops() as ops:
         y = gemm.linear(x, w, b)
@@ -81,9 +74,9 @@ def test_linear_matches_float64(set_mode, mode, x_shape, n, bias):
         assert torch.equal(F.linear(x2, w2, b2), y) and torch.equal(x2.grad, x.grad) and torch.equal(w2.grad, w.grad)
 
 
-def test_linear_output_is_not_a_custom_function_view(set_mode):
+def test_linear_output_is_not_a_custom_function_view(set_gemm_mode):
     """Megatron's vocab-parallel cross entropy edits the logits in place: the 3-D output must allow it."""
-    set_mode("onednn")
+    set_gemm_mode("onednn")
     x, w, _, _ = _linear_case((6, 2, 32), 40, False)
     y = gemm.linear(x, w)
     y.sub_(1.0)                                            # raises if y were a view made inside a Function
@@ -91,8 +84,8 @@ def test_linear_output_is_not_a_custom_function_view(set_mode):
     assert torch.allclose(x.grad, w.detach().sum(0).expand_as(x), atol=1e-5)
 
 
-def test_inference_and_transposed_inputs(set_mode):
-    set_mode("onednn")
+def test_inference_and_transposed_inputs(set_gemm_mode):
+    set_gemm_mode("onednn")
     g = torch.Generator().manual_seed(1)
     base = torch.randn(96, 200, generator=g)
     x = base[:, 10:138]                                    # strided rows
@@ -103,8 +96,8 @@ def test_inference_and_transposed_inputs(set_mode):
 
 
 @pytest.mark.parametrize("mode", ["onednn", "auto", "blas"])
-def test_grouped_linear_matches_float64(set_mode, mode):
-    set_mode(mode)
+def test_grouped_linear_matches_float64(set_gemm_mode, mode):
+    set_gemm_mode(mode)
     g = torch.Generator().manual_seed(2)
     counts, k, n = [37, 0, 300, 5, 170], 256, 96
     x = torch.randn(sum(counts), k, generator=g).requires_grad_()
@@ -131,7 +124,7 @@ def test_grouped_linear_refuses_mismatched_counts():
         gemm.grouped_linear(x, [3, 3], [torch.randn(2, 4), torch.randn(2, 4)])
 
 
-def test_mode_is_checked(set_mode, monkeypatch):
+def test_mode_is_checked(set_gemm_mode, monkeypatch):
     with pytest.raises(ValueError, match="MEGATRON_DSV3_CPU_GEMM='fast'.*auto, onednn, blas"):
         gemm.set_mode("fast")
     monkeypatch.setenv("MEGATRON_DSV3_CPU_GEMM", "blas")
@@ -145,7 +138,7 @@ def test_mode_is_checked(set_mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["blas", "onednn"])
-def test_grouped_experts_match_sequential_mlp(cpu_world, set_mode, mode):
+def test_grouped_experts_match_sequential_mlp(cpu_world, set_gemm_mode, mode):
     """Our GroupedExperts vs Megatron-Core's SequentialMLP with the same weights and routing: bit for
     bit on torch's BLAS, within fp32 rounding on oneDNN."""
     from megatron.core.models.backends import LocalSpecProvider
@@ -156,7 +149,7 @@ def test_grouped_experts_match_sequential_mlp(cpu_world, set_mode, mode):
     from megatron_dsv3.config import DSv3Config, cpu_overrides
     from megatron_dsv3.model.experts import GroupedExperts
 
-    set_mode(mode)
+    set_gemm_mode(mode)
     model_parallel_cuda_manual_seed(7)
     cfg = DSv3Config.from_preset("tiny", **cpu_overrides(), hidden_size=128, moe_intermediate_size=96)
     sub = LocalSpecProvider().grouped_mlp_modules(False).keywords["submodules"]
@@ -185,10 +178,10 @@ def test_grouped_experts_match_sequential_mlp(cpu_world, set_mode, mode):
             assert ((a - b).abs().max() / b.abs().max()).item() < FP32_REL
 
 
-def test_expanded_gradient_is_made_dense(set_mode):
+def test_expanded_gradient_is_made_dense(set_gemm_mode):
     """An incoming gradient of stride 0 (from ``out.sum().backward()``) would take oneDNN's reference
     kernel (~1000x slower): the operands are made dense first, with the same result."""
-    set_mode("onednn")
+    set_gemm_mode("onednn")
     assert gemm._dense(torch.ones(1).expand(64, 32)).is_contiguous()
     t = torch.randn(8, 6)
     assert gemm._dense(t.t()) is not None and gemm._dense(t.t()).data_ptr() == t.data_ptr()   # no copy

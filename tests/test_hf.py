@@ -29,14 +29,10 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(params=["auto", "onednn"])
-def gemm_mode(request):
+def gemm_mode(request, set_gemm_mode):
     """The CPU products as the rule picks them (torch's BLAS at these sizes), and all on oneDNN."""
-    from megatron_dsv3.model import gemm
-
-    before = gemm.mode()
-    gemm.set_mode(request.param)
-    yield request.param
-    gemm.set_mode(before)
+    set_gemm_mode(request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
