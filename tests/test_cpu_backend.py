@@ -127,6 +127,35 @@ print("AGAIN", cpu_backend.is_enabled(), torch.zeros(1).type())
     assert "AGAIN True torch.cuda.FloatTensor" in out.stdout
 
 
+def test_training_keeps_freed_memory_in_the_heap_until_disabled():
+    """keep_freed_memory: with glibc's defaults a loop that allocates and frees tensors of mixed sizes
+    (as a training step does) page-faults its memory back in every time; under enable(training=True)
+    the freed memory stays in the heap (no faults); disable() gives glibc its start-up thresholds back
+    (faults again)."""
+    code = r'''
+import random, resource, torch
+from megatron_dsv3 import cpu_backend
+def churn():
+    rnd = random.Random(0)
+    churn_once = lambda: [torch.ones(rnd.randint(30_000, 800_000)) for _ in range(60)]
+    churn_once()                                   # first touch of the heap's pages, not counted
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        churn_once()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+default = churn()
+cpu_backend.enable(training=True)
+enabled = churn()
+cpu_backend.disable()
+print("FAULTS", default, enabled, churn())
+'''
+    out = _python(code)
+    default, enabled, disabled = map(int, out.stdout.split("FAULTS")[1].split())
+    pages = 10 * 60 * 30_000 * 4 // 4096          # at least the smallest tensors' pages, each round
+    assert default > pages and disabled > pages, out.stdout
+    assert enabled < pages // 100, out.stdout
+
+
 def test_changed_megatron_source_is_refused_with_the_patch_named():
     """The run-time safety net: a fingerprinted Megatron function whose source differs (here the
     source lookup answers an edited copy) makes enable() refuse before changing anything, naming the
