@@ -13,6 +13,7 @@ from .compat.cpu_backend import (  # noqa: F401
     disable,
     enable,
     is_enabled,
+    keep_freed_memory,
     main,
     requested,
 )

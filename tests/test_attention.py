@@ -90,25 +90,54 @@ def test_a_malformed_mask_is_refused(checkpoints):
 # The attention kernel (model/mla.py attention_kernel)
 # ------------------------------------------------------------------------------------------------
 def test_attention_kernel_rule():
-    """The measured rule: padded V (CPU flash) for small q/k heads or long sequences, the math kernel
-    for DeepSeek-V3's 192/128 heads below 768 tokens; never with dropout (the flash kernel has none),
-    never off CPU, never when the head sizes are equal."""
+    """The measured rule: our written-out kernel for short sequences (up to 128 tokens with small q/k
+    heads, below 768 with large ones), padded V (CPU flash) beyond; never either with dropout, never
+    off CPU, never when the head sizes are equal."""
     from megatron_dsv3.model.mla import attention_kernel
 
-    assert attention_kernel("cpu", 24, 16, 128, 0.0) == "sdpa_padded_v"
+    assert attention_kernel("cpu", 24, 16, 128, 0.0) == "explicit"
+    assert attention_kernel("cpu", 24, 16, 256, 0.0) == "sdpa_padded_v"
+    assert attention_kernel("cpu", 96, 64, 512, 0.0) == "explicit"
     assert attention_kernel("cpu", 96, 64, 4096, 0.0) == "sdpa_padded_v"
-    assert attention_kernel("cpu", 192, 128, 256, 0.0) == "sdpa"
+    assert attention_kernel("cpu", 192, 128, 256, 0.0) == "explicit"
     assert attention_kernel("cpu", 192, 128, 768, 0.0) == "sdpa_padded_v"
     assert attention_kernel("cpu", 24, 16, 128, 0.1) == "sdpa"
     assert attention_kernel("cpu", 24, 24, 4096, 0.0) == "sdpa"
     assert attention_kernel("cuda", 192, 128, 4096, 0.0) == "sdpa"
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "mask"])
+def test_explicit_kernel_gradients_in_float64(masked):
+    """The written-out backward (model/mla.py _ExplicitAttention) against autograd's numerical
+    gradients in float64, with q/k/v as the permuted views MLA passes; and its output against
+    softmax(q k^T * scale + mask) v written with plain torch ops."""
+    from megatron_dsv3.model.mla import _ExplicitAttention
+
+    torch.manual_seed(0)
+    s, b, H, dq, dv = 6, 2, 3, 5, 4
+    q, k = (torch.randn(s, b, H, dq, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_() for _ in range(2))
+    v = torch.randn(s, b, H, dv, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_()
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+    if masked:     # two documents per row, the second starting at a different place in each sequence
+        mask = causal.repeat(b, 1, 1, 1)
+        mask[0, :, 3:, :3] = True
+        mask[1, :, 2:, :2] = True
+        bias = None
+    else:
+        mask, bias = None, torch.zeros(s, s, dtype=torch.float64).masked_fill(causal, float("-inf"))
+    fn = lambda q_, k_, v_: _ExplicitAttention.apply(q_, k_, v_, 0.37, bias, mask)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * 0.37
+    reference = scores.masked_fill(causal if mask is None else mask, float("-inf")).softmax(-1) @ v
+    assert torch.allclose(fn(q, k, v), reference, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_padded_v", "explicit"])
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "document_mask"])
-def test_padded_v_kernel_equals_the_math_kernel(checkpoints, monkeypatch, masked):
-    """Logits and every parameter's gradient with V padded (flash kernel) equal those of the unpadded
-    math kernel within fp32 rounding, causal and with the document mask (measured: 6.9e-7 of the
-    largest logit, 1.8e-6 of each gradient's largest entry)."""
+def test_cpu_kernels_equal_the_math_kernel(checkpoints, monkeypatch, masked, kernel):
+    """Logits and every parameter's gradient with V padded (flash kernel) or with our written-out kernel
+    equal those of SDPA's unpadded math kernel within fp32 rounding, causal and with the document mask
+    (measured: padded 6.9e-7 of the largest logit, 1.8e-6 of each gradient's largest entry)."""
     from megatron_dsv3 import hf
     from megatron_dsv3.model import mla
 
@@ -116,15 +145,15 @@ def test_padded_v_kernel_equals_the_math_kernel(checkpoints, monkeypatch, masked
     ids, mask, _ = packed_batch()
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     results = {}
-    for kernel in ("sdpa", "sdpa_padded_v"):
-        monkeypatch.setattr(mla, "attention_kernel", lambda *a, k=kernel: k)
+    for run in ("sdpa", kernel):
+        monkeypatch.setattr(mla, "attention_kernel", lambda *a, k=run: k)
         model.zero_grad(set_to_none=True)
         model.train()
         logits = gather_vocab_logits(model, ids, pos, mask if masked else None)
         logits.float().square().mean().backward()
-        results[kernel] = (logits.detach().clone(),
-                           {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (a, ga), (b, gb) = results["sdpa"], results["sdpa_padded_v"]
+        results[run] = (logits.detach().clone(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (a, ga), (b, gb) = results["sdpa"], results[kernel]
     assert not torch.equal(a, b)                     # two kernels really ran
     assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()
     assert ga.keys() == gb.keys() and len(ga) > 20

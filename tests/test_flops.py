@@ -3,9 +3,9 @@
 What FlopCounterMode (torch 2.13) counts here:
 - every aten.mm / addmm / bmm at 2*m*n*k;
 - SDPA: our MLA calls F.scaled_dot_product_attention(is_causal=True). With dq = dn+dr != dv (every
-  DSv3 shape) the CPU has no fused kernel for the tensors as they are; on the tiny shapes our
-  attention_kernel rule pads V for the CPU flash kernel (uncounted, below), so these tests pin the
-  unpadded path (``math_attention``), where SDPA runs its math decomposition: two full-size bmm's
+  DSv3 shape) the CPU has no fused kernel for the tensors as they are; our attention_kernel rule
+  picks another kernel (our written-out one, or V padded for the CPU flash kernel, uncounted, below),
+  so these tests pin the unpadded SDPA path (``math_attention``), where SDPA runs its math decomposition: two full-size bmm's
   (Q K^T over all s^2 pairs, then P V) with the causal mask applied element-wise. So the count is
   the FULL s^2, i.e. ``model_flops(..., causal=False)``; the backward of those bmm's is exactly 2x.
   (The registered fused-kernel formulas used on GPU -- flash/efficient/cudnn -- also ignore

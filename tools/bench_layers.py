@@ -5,8 +5,9 @@
     .venv/bin/python tools/bench_layers.py --gemm                   # the data behind model/gemm.py's rule
     MEGATRON_DSV3_CPU_GEMM=blas .venv/bin/python tools/bench_layers.py   # ours without oneDNN products
 
-Same config, same input, same process, interleaved repetitions; prints a table and JSON with the
-ratio ours / Megatron-Core (< 1 = ours faster). CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
+Same config, same input, same process, the two layers' steps alternating (3 x --iters each); prints a
+table and JSON with the ratio ours / Megatron-Core of the median step times (< 1 = ours faster) and
+the median of the ratios within each pair of neighbouring steps. CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
 GPU (bf16) when one is lent. Megatron-Core's MLA is built from its local spec; its local
 DotProductAttention does not accept the k_channels/v_channels MLA passes (a known 0.19.2 issue on
 the local path), so the benchmark wraps it to drop them - a benchmark-only shim, not in the product.
@@ -103,12 +104,26 @@ def emit(result, out_json) -> None:
             json.dump(result, f, indent=1)
 
 
-def time_fwd_bwd(module, x, iters, mask=None):
-    def step():
+def time_fwd_bwd_pair(modules, x, iters, mask=None) -> list[list[float]]:
+    """Seconds of forward + backward of each module, the modules alternating step by step (so a shared
+    machine's slow phases fall on both alike), ``iters`` steps each after 3 untimed ones."""
+    def step(module):
         out = module(x, attention_mask=mask) if mask is not None else module(x)
         out = out[0] if isinstance(out, tuple) else out
         out.float().sum().backward()
-    return median_time(step, iters, warmup=3, cuda=x.is_cuda)
+
+    for _ in range(3):
+        for m in modules:
+            step(m)
+    times = [[] for _ in modules]
+    for _ in range(iters):
+        for m, t in zip(modules, times):
+            start = time.perf_counter()
+            step(m)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t.append(time.perf_counter() - start)
+    return times
 
 
 #: (batch, heads, seq, q/k head, v head) of the attention-kernel table: the quickstart's, the small
@@ -120,33 +135,39 @@ KERNEL_SHAPES = [(4, 4, 128, 24, 16), (4, 4, 256, 24, 16), (4, 4, 512, 24, 16), 
 
 def attention_kernels(iters: int, out_json) -> None:
     """Forward+backward of the causal attention core on CPU: SDPA as is (math kernel: the head sizes
-    differ) vs V zero-padded to the q/k head size (flash kernel), and what the rule picks."""
+    differ), V zero-padded to the q/k head size (flash kernel), and our written-out kernel
+    (model/mla.py ``_ExplicitAttention``); the fastest, and what the rule picks."""
     import torch.nn.functional as F
 
-    from megatron_dsv3.model.mla import attention_kernel
+    from megatron_dsv3.model.mla import _ExplicitAttention, attention_kernel
 
-    def run(shape, padded):
+    def run(shape, kernel):
         b, h, s, dq, dv = shape
         q, k = (torch.randn(b, h, s, dq, requires_grad=True) for _ in range(2))
         v = torch.randn(b, h, s, dv, requires_grad=True)
+        bias = torch.full((s, s), float("-inf")).triu(1)
 
         def step():
-            vv = F.pad(v, (0, dq - dv)) if padded else v
-            out = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :dv]
+            if kernel == "explicit":
+                out = _ExplicitAttention.apply(q, k, v, dq ** -0.5, bias, None)
+            else:
+                vv = F.pad(v, (0, dq - dv)) if kernel == "sdpa_padded_v" else v
+                out = F.scaled_dot_product_attention(q, k, vv, is_causal=True)[..., :dv]
             out.sum().backward()
         return median_time(step, iters, warmup=2)
 
     rows = []
-    print(f"{'batch x heads x seq':>20} {'q/k':>4} {'v':>4} {'math ms':>9} {'padded ms':>10} {'ratio':>6}  rule "
-          f"({torch.get_num_threads()} threads)")
+    print(f"{'batch x heads x seq':>20} {'q/k':>4} {'v':>4} {'math ms':>9} {'padded ms':>10} {'explicit ms':>12}"
+          f"  {'fastest':<14} rule ({torch.get_num_threads()} threads)")
     for shape in KERNEL_SHAPES:
-        math_s, padded_s = run(shape, False), run(shape, True)
+        times = {kernel: run(shape, kernel) * 1e3 for kernel in ("sdpa", "sdpa_padded_v", "explicit")}
+        fastest = min(times, key=times.get)
         pick = attention_kernel("cpu", shape[3], shape[4], shape[2], 0.0)
-        rows.append({"shape": shape, "math_ms": math_s * 1e3, "padded_ms": padded_s * 1e3,
-                     "ratio": padded_s / math_s, "rule": pick})
+        rows.append({"shape": shape, "math_ms": times["sdpa"], "padded_ms": times["sdpa_padded_v"],
+                     "explicit_ms": times["explicit"], "fastest": fastest, "rule": pick})
         b, h, s, dq, dv = shape
-        print(f"{f'{b} x {h} x {s}':>20} {dq:>4} {dv:>4} {math_s * 1e3:>9.2f} {padded_s * 1e3:>10.2f} "
-              f"{padded_s / math_s:>6.2f}  {pick}", flush=True)
+        print(f"{f'{b} x {h} x {s}':>20} {dq:>4} {dv:>4} {times['sdpa']:>9.2f} {times['sdpa_padded_v']:>10.2f} "
+              f"{times['explicit']:>12.2f}  {fastest:<14} {pick}", flush=True)
     emit(rows, out_json)
 
 
@@ -203,6 +224,7 @@ def main():
 
     if device == "cpu":
         cpu_backend.enable()
+        cpu_backend.keep_freed_memory(True)    # as in training (enable(training=True)), for both sides
     init_world(0, 1, backend="gloo" if device == "cpu" else "nccl")
     init_model_parallel()
     cfg, seq, batch = config(args.preset, device)
@@ -215,22 +237,23 @@ def main():
              "MoE": (lambda: moe(cfg, True), lambda: moe(cfg, False), None)}
     for name, (make_ours, make_theirs, mask) in pairs.items():
         a, b = make_ours().to(device), make_theirs().to(device)
-        t_ours, t_theirs = [], []
-        for _ in range(3):  # interleave to share machine noise
-            t_ours.append(time_fwd_bwd(a, x, args.iters, mask))
-            t_theirs.append(time_fwd_bwd(b, x, args.iters, mask))
-        o, t = min(t_ours), min(t_theirs)
-        rows.append({"layer": name, "ours_ms": o * 1e3, "megatron_core_ms": t * 1e3, "ratio": o / t})
+        t_ours, t_theirs = time_fwd_bwd_pair([a, b], x, 3 * args.iters, mask)
+        o, t = statistics.median(t_ours), statistics.median(t_theirs)
+        pairs_ratio = statistics.median(p / q for p, q in zip(t_ours, t_theirs))
+        rows.append({"layer": name, "ours_ms": o * 1e3, "megatron_core_ms": t * 1e3, "ratio": o / t,
+                     "ratio_within_pairs": pairs_ratio})
     from megatron_dsv3.model import gemm
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu_gemm": gemm.mode(), "preset": args.preset, "seq": seq,
               "batch": batch,
               "dtype": str(dtype), "rows": rows}
-    print(f"{'layer':<6} {'ours ms':>10} {'mcore ms':>10} {'ours/mcore':>11}   ({result['device']}, {args.preset}, "
-          f"fwd+bwd, {result['threads']} threads, MEGATRON_DSV3_CPU_GEMM={result['cpu_gemm']})")
+    print(f"{'layer':<6} {'ours ms':>10} {'mcore ms':>10} {'ours/mcore':>11} {'per pair':>9}   ({result['device']}, "
+          f"{args.preset}, fwd+bwd, medians of {3 * args.iters} alternating steps, {result['threads']} threads, "
+          f"MEGATRON_DSV3_CPU_GEMM={result['cpu_gemm']})")
     for r in rows:
-        print(f"{r['layer']:<6} {r['ours_ms']:>10.2f} {r['megatron_core_ms']:>10.2f} {r['ratio']:>11.2f}")
+        print(f"{r['layer']:<6} {r['ours_ms']:>10.2f} {r['megatron_core_ms']:>10.2f} {r['ratio']:>11.2f} "
+              f"{r['ratio_within_pairs']:>9.2f}")
     emit(result, args.json)
 
 

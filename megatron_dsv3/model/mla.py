@@ -27,8 +27,9 @@ Attention kernel (:func:`attention_kernel`, a pure function of the device, the h
 sequence length and the dropout, so a run and its resumed continuation compute the same way): MLA's
 query/key head size (dn + dr) differs from its value head size (dv), which sends torch's SDPA on CPU
 to its math fallback. Padding V with zeros to dn + dr selects the CPU flash kernel (the padded columns
-of the output are dropped; outputs and gradients equal within fp32 rounding) where it is faster. On
-GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
+of the output are dropped; outputs and gradients equal within fp32 rounding) where it is faster; for
+short sequences without dropout our written-out kernel (:class:`_ExplicitAttention`: three batched
+products forward, four backward) beats both. On GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
 take unequal head sizes).
 
 Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
@@ -60,23 +61,67 @@ from .gemm import linear
 from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
 
 
-#: Where torch's CPU flash kernel (V padded to dn + dr) beats its math fallback, measured with
-#: ``tools/bench_layers.py --attention-kernels`` (fp32, one thread, forward + backward, causal;
-#: torch 2.13; time padded / math): (dn+dr, dv) = (24, 16): 0.75 at s=128, 0.63 at 256, 0.77 at 512;
-#: (96, 64): 0.95 at 256, 1.01 at 512, 0.62 at 1024; (192, 128): 1.27 at 256, 1.10 at 512, 0.75 at
-#: 768, 0.61 at 2048. The flash kernel takes masks but no dropout.
+#: The CPU rule, from ``tools/bench_layers.py --attention-kernels`` (fp32, forward + backward, causal,
+#: torch 2.13, 2026-12-02; ms at one thread, the same winners at two): our written-out kernel
+#: (``explicit``) is fastest for short sequences: (dn+dr, dv) = (24, 16) at 128 tokens 1.41 vs 1.62
+#: padded / 1.97 math; (96, 64) at 256: 13.5 vs 17.4 / 15.8, at 512: 56.7 vs 65.0 / 73.6; (192, 128) at
+#: 256: 50.0 vs 64.2 / 57.0, at 512: 100.2 vs 124.9 / 101.0. The flash kernel (V padded) wins from 256
+#: tokens with small heads ((24, 16) at 256: 5.6 vs 6.3 explicit) and from 768 with large ones ((192,
+#: 128) at 768: 228 vs 270; at 2048: 608 vs 1021), where keeping the probabilities also costs memory.
+#: The flash kernel takes masks but no dropout; the explicit kernel takes neither dropout nor
+#: anything but Megatron's bool mask.
 CPU_FLASH_MAX_SMALL_HEAD = 64
+CPU_EXPLICIT_MAX_SEQ_SMALL_HEAD = 128
 CPU_FLASH_MIN_SEQ = 768
 
 
 def attention_kernel(device_type: str, qk_head_dim: int, v_head_dim: int, seq: int, dropout: float) -> str:
-    """The attention core's kernel: ``"sdpa"`` (tensors as they are; SDPA picks) or ``"sdpa_padded_v"``
-    (V zero-padded to the query/key head size, so torch's CPU flash kernel runs; output sliced back)."""
+    """The attention core's kernel: ``"sdpa"`` (tensors as they are; SDPA picks), ``"sdpa_padded_v"``
+    (V zero-padded to the query/key head size, so torch's CPU flash kernel runs; output sliced back)
+    or ``"explicit"`` (:class:`_ExplicitAttention`)."""
     if device_type != "cpu" or qk_head_dim == v_head_dim or dropout > 0:
         return "sdpa"
-    if qk_head_dim <= CPU_FLASH_MAX_SMALL_HEAD or seq >= CPU_FLASH_MIN_SEQ:
+    if seq >= CPU_FLASH_MIN_SEQ or (qk_head_dim <= CPU_FLASH_MAX_SMALL_HEAD
+                                    and seq > CPU_EXPLICIT_MAX_SEQ_SMALL_HEAD):
         return "sdpa_padded_v"
-    return "sdpa"
+    return "explicit"
+
+
+class _ExplicitAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T + causal bias or mask) @ v`` with its backward written out: three batched
+    products forward, four backward, the probabilities kept (like SDPA's math kernel, unlike flash).
+
+    q, k [b, H, s, dq], v [b, H, s, dv] (views of [s, b, H, d] tensors are fine); ``bias`` [s, s]
+    additive (causal) or ``mask`` bool [b or 1, 1, s, s], True = masked. No dropout. Backward:
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)) * scale, dQ = dS K, dK = dS^T Q.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, bias, mask):
+        b, H, s, dq = q.shape
+        q3, k3, v3 = q.reshape(b * H, s, dq), k.reshape(b * H, s, dq), v.reshape(b * H, s, v.shape[-1])
+        if bias is not None:
+            scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+        else:
+            scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
+            scores.view(b, H, s, s).masked_fill_(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(q3, k3, v3, probs)
+        ctx.scale, ctx.heads = scale, (b, H)
+        return torch.bmm(probs, v3).view(b, H, s, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        q3, k3, v3, probs = ctx.saved_tensors
+        (b, H), s = ctx.heads, probs.shape[-1]
+        if 0 in g.stride():           # an expanded gradient (out.sum()) would send bmm to a slow path
+            g = g.contiguous()
+        g3 = g.reshape(b * H, s, g.shape[-1])
+        gv = torch.bmm(probs.transpose(1, 2), g3)
+        gp = torch.bmm(g3, v3.transpose(1, 2))
+        gs = gp.sub_((gp * probs).sum(dim=-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
+        gq, gk = torch.bmm(gs, k3), torch.bmm(gs.transpose(1, 2), q3)
+        return gq.view(b, H, s, -1), gk.view(b, H, s, -1), gv.view(b, H, s, -1), None, None, None
 
 
 _log = logging.getLogger(__name__)
@@ -89,9 +134,8 @@ def _log_kernel_once(kernel: str, device_type: str, dq: int, dv: int, seq: int, 
         return
     _LOGGED_KERNELS.add(key)
     why = {"sdpa_padded_v": f"V padded {dv} -> {dq} for the {device_type.upper()} flash kernel",
-           "sdpa": ("SDPA picks its kernel" if device_type != "cpu" or dq == dv or dropout > 0 else
-                    f"math kernel: at head size {dq} the padded flash kernel is slower below "
-                    f"{CPU_FLASH_MIN_SEQ} tokens")}[kernel]
+           "sdpa": "SDPA picks its kernel",
+           "explicit": "softmax(q k^T) v written out: the fastest CPU kernel at this length"}[kernel]
     log_single_rank(_log, logging.INFO, f"MLA attention core (seq {seq}, q/k head {dq}, v head {dv}, "
                     f"dropout {dropout}): {kernel} ({why})")
 
@@ -272,6 +316,10 @@ class MultiLatentAttention(MegatronModule):
         kernel = attention_kernel(q.device.type, dq, self.dv, s, p)
         if self.layer_number == 1:
             _log_kernel_once(kernel, q.device.type, dq, self.dv, s, p)
+        if kernel == "explicit":
+            bias = self._causal_bias(s, q) if mask is None else None
+            out = _ExplicitAttention.apply(q, k, v, self.softmax_scale, bias, mask)
+            return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
         if kernel == "sdpa_padded_v":
             v = F.pad(v, (0, dq - self.dv))
         if p > 0:
@@ -282,6 +330,15 @@ class MultiLatentAttention(MegatronModule):
         if kernel == "sdpa_padded_v":
             out = out[..., :self.dv]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+
+    def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
+        """[s, s]: 0 on and below the diagonal, -inf above (cached per length, device and dtype)."""
+        key = ("causal", s, like.device, like.dtype)
+        bias = self._rope_cache.get(key)
+        if bias is None:
+            bias = self._rope_cache[key] = torch.full((s, s), float("-inf"), dtype=like.dtype,
+                                                      device=like.device).triu(1)
+        return bias
 
     @staticmethod
     def _check_mask(mask: Optional[torch.Tensor], batch: int, seq: int) -> None:
