@@ -227,10 +227,10 @@ def test_not_enabled_without_asking():
 
 def test_hf_load_says_it_turned_the_backend_on(tmp_path):
     """hf.load without CUDA switches the backend on for the process and says so once on stderr."""
-    code = (f"import torch\nfrom megatron_dsv3 import hf\nfrom megatron_dsv3.config import DSv3Config\n"
-            f"from megatron_dsv3.parallel.world import ensure_world\n"
-            f"ensure_world(); ensure_world()\n"
-            f"from megatron_dsv3 import cpu_backend; print('ENABLED', cpu_backend.is_enabled())")
+    code = ("import torch\nfrom megatron_dsv3 import hf\nfrom megatron_dsv3.config import DSv3Config\n"
+            "from megatron_dsv3.parallel.world import ensure_world\n"
+            "ensure_world(); ensure_world()\n"
+            "from megatron_dsv3 import cpu_backend; print('ENABLED', cpu_backend.is_enabled())")
     out = _python(code)
     assert "ENABLED True" in out.stdout, out.stderr[-2000:]
     assert out.stderr.count("turned on the CPU backend") == 1
