@@ -250,3 +250,59 @@ def test_non_finite_weights_load_with_a_warning(checkpoints, tmp_path):
     params = dict(model.named_parameters())
     assert torch.isnan(params["decoder.layers.1.self_attention.linear_proj.weight"][3]).all()   # loaded as is
     assert torch.isinf(params["decoder.final_layernorm.weight"][:2]).all()
+
+
+def test_te_grouped_expert_names_load_and_save(checkpoints, tmp_path):
+    """Transformer Engine's grouped experts (TEGroupedMLP, --moe-grouped-gemm) hold expert e's weights as
+    ``experts.linear_fc1.weight{e}`` (TE's GroupedLinear) instead of ``experts.local_experts.{e}.
+    linear_fc1.weight``. TE is not installable here, so the experts of a loaded model are replaced by
+    a module with exactly those parameter names: the HF export from it equals the checkpoint, and a
+    HF import into it fills every grouped weight with the same tensor as the per-expert model's."""
+    from megatron_dsv3 import hf
+    from megatron_dsv3.checkpoint import hf_reader, hf_writer
+    from megatron_dsv3.checkpoint.hf_keys import grouped_expert_name
+
+    assert grouped_expert_name("decoder.layers.2.mlp.experts.local_experts.7.linear_fc2.weight") == \
+        "decoder.layers.2.mlp.experts.linear_fc2.weight7"
+
+    class GroupedLinear(torch.nn.Module):           # TE's GroupedLinear parameter names
+        def __init__(self, weights):
+            super().__init__()
+            for i, w in enumerate(weights):
+                self.register_parameter(f"weight{i}", torch.nn.Parameter(w.detach().clone()))
+
+    class Grouped(torch.nn.Module):                 # TEGroupedMLP's submodule names
+        def __init__(self, experts):
+            super().__init__()
+            self.linear_fc1 = GroupedLinear([e.linear_fc1.weight for e in experts.local_experts])
+            self.linear_fc2 = GroupedLinear([e.linear_fc2.weight for e in experts.local_experts])
+
+    path, _ = checkpoints["base"]
+    per_expert = hf.load(path)
+    grouped = hf.load(path)
+    swapped = 0
+    for module in grouped.modules():
+        if hasattr(module, "experts") and hasattr(module.experts, "local_experts"):
+            module.experts = Grouped(module.experts)
+            swapped += 1
+    assert swapped >= 2
+    names = dict(grouped.named_parameters())
+    assert any(".experts.linear_fc1.weight0" in n for n in names)
+    assert not any("local_experts" in n for n in names)
+    saved = hf_writer.to_hf_state_dict(grouped)
+    original = read_state(path)
+    assert set(saved) >= {k for k in original if ".experts." in k}
+    for k, v in original.items():
+        if k in saved:
+            assert torch.equal(v.float(), saved[k].float()), k
+    with torch.no_grad():
+        for p in grouped.parameters():
+            p.zero_()
+    hf_reader.load_into(grouped, path)
+    reference = dict(per_expert.named_parameters())
+    for n, p in grouped.named_parameters():
+        ours = n
+        match = re.search(r"experts\.(linear_fc[12])\.weight(\d+)$", n)
+        if match:
+            ours = n[:match.start()] + f"experts.local_experts.{match.group(2)}.{match.group(1)}.weight"
+        assert torch.equal(p, reference[ours]), n

@@ -201,10 +201,23 @@ def unshard(key: Key, local: torch.Tensor, group) -> list[torch.Tensor]:
     return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
 
 
+_PER_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+
+
+def grouped_expert_name(ours: str) -> str:
+    """Our per-expert name (``...experts.local_experts.{le}.linear_fc1.weight``, SequentialMLP and our
+    GroupedExperts) -> the name of the same tensor in Transformer Engine's grouped experts
+    (TEGroupedMLP, ``--moe-grouped-gemm``): ``...experts.linear_fc1.weight{le}``, one weight per local
+    expert of TE's GroupedLinear, sharded over expert-TP like the per-expert linear."""
+    return _PER_EXPERT.sub(lambda m: f"experts.{m.group(2)}.weight{m.group(1)}", ours)
+
+
 def local_entries(model, lay: Layout):
-    """(Key, hf names, our local name, expert) for the tensors this rank holds."""
+    """(Key, hf names, our local name, expert) for the tensors this rank holds. Routed-expert weights
+    take TEGroupedMLP's names when the model has those instead of per-expert modules."""
     cfg = model.config
     e_local = cfg.n_routed_experts // lay.ep if cfg.n_routed_experts else 0
+    names = set(tensor_table(model))
     out = []
     for key, hf, ours, e, (kind, idx) in all_entries(cfg):
         if kind == "global":
@@ -221,6 +234,8 @@ def local_entries(model, lay: Layout):
             if e // e_local != lay.ep_rank:
                 continue
             ours = ours.replace("{le}", str(e % e_local))
+            if ours not in names and grouped_expert_name(ours) in names:
+                ours = grouped_expert_name(ours)
         out.append((key, hf, ours, e))
     return out
 

@@ -9,7 +9,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from .hf_keys import MTP_SHARED_COPIES, Layout, local_entries, tensor_table, unshard
+from .hf_keys import MTP_SHARED_COPIES, HFCheckpointError, Layout, local_entries, tensor_table, unshard
 
 
 def to_hf_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -32,7 +32,10 @@ def to_hf_state_dict(model, grads: bool = False) -> dict[str, torch.Tensor]:
     # Entries come in the same order on every rank (EP ranks hold the same local expert slots), so
     # the collectives below line up.
     for key, hf_names, ours, e in local_entries(model, lay):
-        t = table[ours]
+        t = table.get(ours)
+        if t is None:
+            raise HFCheckpointError(f"our model has no tensor {ours!r} (for HF {hf_names[0]!r}): its layout is "
+                                    f"not in the HF key table (megatron_dsv3/checkpoint/hf_keys.py)")
         if grads:
             g = getattr(t, "main_grad", None)
             t = g if g is not None else t.grad

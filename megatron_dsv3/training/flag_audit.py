@@ -106,7 +106,8 @@ def _family(options: tuple[str, ...], status: str, note: str, area: str, **kw) -
 _ATTENTION = [
     Flag("--attention-backend", REFUSED,
          f"only steers Megatron's / Transformer Engine's attention; {_SDPA}, which picks its own kernel "
-         "(flash, memory-efficient, cuDNN or math). Drop --attention-backend (or give auto)",
+         "(flash, memory-efficient, cuDNN or math; on CPU model/mla.py's measured rule may also pick our "
+         "written-out kernel for short sequences, logged). Drop --attention-backend (or give auto)",
          "attention", example=("flash",)),
     Flag("--use-flash-attn", REFUSED,
          f"Megatron-Core 0.19.2 reads it nowhere; {_SDPA}, which runs FlashAttention kernels where the "
@@ -404,9 +405,10 @@ _MOE = [
          "interleaves the gate and up rows of each expert's fc1; the HF key table reads fc1 as [gate; up]. "
          "Drop it", "moe", example=("32",)),
     Flag("--moe-grouped-gemm", HONOURED,
-         "Transformer Engine backend: Megatron's TEGroupedMLP experts (kept; the HF import / export reads "
-         "the per-expert layout, local_experts.*). Refused with --transformer-impl local, whose experts are "
-         "Megatron's SequentialMLP", "moe", refuse_when=_not_te,
+         "Transformer Engine backend: Megatron's TEGroupedMLP experts (kept; the HF import / export maps "
+         "each HF expert to its grouped weight, experts.linear_fc1.weight{e}). Refused with "
+         "--transformer-impl local, whose experts are our grouped-matmul SequentialMLP", "moe",
+         refuse_when=_not_te,
          error="grouped expert GEMMs come from Transformer Engine; with --transformer-impl local the experts "
                "are Megatron's SequentialMLP. Use --transformer-impl transformer_engine or drop it",
          example=("--transformer-impl", "local")),
