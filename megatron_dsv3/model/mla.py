@@ -28,8 +28,8 @@ sequence length and the dropout, so a run and its resumed continuation compute t
 query/key head size (dn + dr) differs from its value head size (dv), which sends torch's SDPA on CPU
 to its math fallback. Padding V with zeros to dn + dr selects the CPU flash kernel (the padded columns
 of the output are dropped; outputs and gradients equal within fp32 rounding) where it is faster; for
-short sequences without dropout our written-out kernel (:class:`_ExplicitAttention`: three batched
-products forward, four backward) beats both. On GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
+large heads below 768 tokens without dropout our written-out kernel (:class:`_ExplicitAttention`:
+three batched products forward, four backward) beats both. On GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
 take unequal head sizes).
 
 Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
@@ -62,16 +62,17 @@ from .rope import apply_rope, cos_sin, inverse_frequencies, yarn_mscale
 
 
 #: The CPU rule, from ``tools/bench_layers.py --attention-kernels`` (fp32, forward + backward, causal,
-#: torch 2.13, 2026-12-02; ms at one thread, the same winners at two): our written-out kernel
-#: (``explicit``) is fastest for short sequences: (dn+dr, dv) = (24, 16) at 128 tokens 1.41 vs 1.62
-#: padded / 1.97 math; (96, 64) at 256: 13.5 vs 17.4 / 15.8, at 512: 56.7 vs 65.0 / 73.6; (192, 128) at
-#: 256: 50.0 vs 64.2 / 57.0, at 512: 100.2 vs 124.9 / 101.0. The flash kernel (V padded) wins from 256
-#: tokens with small heads ((24, 16) at 256: 5.6 vs 6.3 explicit) and from 768 with large ones ((192,
-#: 128) at 768: 228 vs 270; at 2048: 608 vs 1021), where keeping the probabilities also costs memory.
-#: The flash kernel takes masks but no dropout; the explicit kernel takes neither dropout nor
-#: anything but Megatron's bool mask.
+#: torch 2.13, 2026-12-02; ms at one thread, the same winners at two). With large q/k heads our
+#: written-out kernel (``explicit``) is the fastest below 768 tokens: (dn+dr, dv) = (96, 64) at 256
+#: tokens 13.5 vs 17.4 padded / 15.8 math, at 512: 56.7 vs 65.0 / 73.6; (192, 128) at 256: 50.0 vs
+#: 64.2 / 57.0, at 512: 100.2 vs 124.9 / 101.0 (it keeps the probabilities, as the math kernel it
+#: replaces there does). The flash kernel (V padded, keeps only the log-sum-exp) from 768 tokens
+#: ((192, 128) at 768: 228 vs 270 explicit; at 2048: 608 vs 1021) and for small heads at every
+#: length: at (24, 16) it loses only at 128 tokens (1.62 vs 1.41 ms), too little to pay for keeping
+#: the probabilities (+~10 MiB peak RSS in tools/bench_train.py), and wins from 256 (5.6 vs 6.3).
+#: The flash kernel takes masks but no dropout; the explicit kernel takes Megatron's bool mask and no
+#: dropout.
 CPU_FLASH_MAX_SMALL_HEAD = 64
-CPU_EXPLICIT_MAX_SEQ_SMALL_HEAD = 128
 CPU_FLASH_MIN_SEQ = 768
 
 
@@ -81,8 +82,7 @@ def attention_kernel(device_type: str, qk_head_dim: int, v_head_dim: int, seq: i
     or ``"explicit"`` (:class:`_ExplicitAttention`)."""
     if device_type != "cpu" or qk_head_dim == v_head_dim or dropout > 0:
         return "sdpa"
-    if seq >= CPU_FLASH_MIN_SEQ or (qk_head_dim <= CPU_FLASH_MAX_SMALL_HEAD
-                                    and seq > CPU_EXPLICIT_MAX_SEQ_SMALL_HEAD):
+    if qk_head_dim <= CPU_FLASH_MAX_SMALL_HEAD or seq >= CPU_FLASH_MIN_SEQ:
         return "sdpa_padded_v"
     return "explicit"
 
