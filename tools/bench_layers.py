@@ -7,8 +7,9 @@
 
 Same config, same input, same process, the two layers' steps alternating (3 x --iters each); prints a
 table and JSON with the ratio ours / Megatron-Core of the median step times (< 1 = ours faster) and
-the median of the ratios within each pair of neighbouring steps. CPU here (fp32); ``tools/gpu_check.sh`` runs it on a
-GPU (bf16) when one is lent. Megatron-Core's MLA is built from its local spec; its local
+the median of the ratios within each pair of neighbouring steps. CPU here (fp32, both layers with the
+CPU backend's ``keep_freed_memory``, as in training); ``tools/gpu_check.sh`` runs it on a GPU (bf16)
+when one is lent. Megatron-Core's MLA is built from its local spec; its local
 DotProductAttention does not accept the k_channels/v_channels MLA passes (a known 0.19.2 issue on
 the local path), so the benchmark wraps it to drop them - a benchmark-only shim, not in the product.
 """

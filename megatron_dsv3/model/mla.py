@@ -29,8 +29,8 @@ query/key head size (dn + dr) differs from its value head size (dv), which sends
 to its math fallback. Padding V with zeros to dn + dr selects the CPU flash kernel (the padded columns
 of the output are dropped; outputs and gradients equal within fp32 rounding) where it is faster; for
 large heads below 768 tokens without dropout our written-out kernel (:class:`_ExplicitAttention`:
-three batched products forward, four backward) beats both. On GPUs SDPA gets the tensors unpadded and picks its own fused kernel (cuDNN / memory-efficient attention
-take unequal head sizes).
+three batched products forward, four backward) beats both. On GPUs SDPA gets the tensors unpadded
+and picks its own fused kernel (cuDNN / memory-efficient attention take unequal head sizes).
 
 Parallelism: q_up / kv_up / q_proj are column-parallel over heads (they also all-gather the
 sequence under SP), o_proj is row-parallel. The down projections are small and duplicated on every
@@ -135,7 +135,7 @@ def _log_kernel_once(kernel: str, device_type: str, dq: int, dv: int, seq: int, 
     _LOGGED_KERNELS.add(key)
     why = {"sdpa_padded_v": f"V padded {dv} -> {dq} for the {device_type.upper()} flash kernel",
            "sdpa": "SDPA picks its kernel",
-           "explicit": "softmax(q k^T) v written out: the fastest CPU kernel at this length"}[kernel]
+           "explicit": "softmax(q k^T) v written out: the fastest CPU kernel for these heads and length"}[kernel]
     log_single_rank(_log, logging.INFO, f"MLA attention core (seq {seq}, q/k head {dq}, v head {dv}, "
                     f"dropout {dropout}): {kernel} ({why})")
 

@@ -106,8 +106,8 @@ def _family(options: tuple[str, ...], status: str, note: str, area: str, **kw) -
 _ATTENTION = [
     Flag("--attention-backend", REFUSED,
          f"only steers Megatron's / Transformer Engine's attention; {_SDPA}, which picks its own kernel "
-         "(flash, memory-efficient, cuDNN or math; on CPU model/mla.py's measured rule may also pick our "
-         "written-out kernel for short sequences, logged). Drop --attention-backend (or give auto)",
+         "(flash, memory-efficient, cuDNN or math; on CPU model/mla.py's measured rule picks padded-V flash "
+         "or, for large q/k heads below 768 tokens, our written-out kernel; logged). Drop --attention-backend (or give auto)",
          "attention", example=("flash",)),
     Flag("--use-flash-attn", REFUSED,
          f"Megatron-Core 0.19.2 reads it nowhere; {_SDPA}, which runs FlashAttention kernels where the "
