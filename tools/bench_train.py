@@ -155,14 +155,22 @@ pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.en
 def _peak_rss(proc, out: list) -> None:
     import psutil
 
+    def tree_rss(p) -> int:
+        total = p.memory_info().rss
+        for child in p.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.NoSuchProcess:      # a data-loader worker that ended meanwhile
+                pass
+        return total
+
     peak = 0
     try:
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
-            rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-            peak = max(peak, rss)
+            peak = max(peak, tree_rss(p))
             time.sleep(0.02)
-    except psutil.NoSuchProcess:
+    except psutil.NoSuchProcess:              # the run itself ended
         pass
     out.append(peak)
 
