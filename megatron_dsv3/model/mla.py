@@ -251,7 +251,7 @@ class MultiLatentAttention(MegatronModule):
             yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
             if rs is not None else 1.0)
         self.register_buffer("inv_freq", inverse_frequencies(self.dr, c.rope_theta, rs), persistent=False)
-        self._rope_cache: dict = {}
+        self._tables: dict = {}         # per sequence length: RoPE cos / sin, the causal bias
         modules = set(c.recompute_modules or ()) if c.recompute_granularity == "selective" else set()
         self.recompute_up_proj = "mla_up_proj" in modules
         self.recompute_latent_norms = "layernorm" in modules and not self.recompute_up_proj
@@ -294,9 +294,9 @@ class MultiLatentAttention(MegatronModule):
     def _cos_sin(self, s: int):
         """RoPE cos / sin [s, dr/2] (fp32) for positions 0..s-1, computed once per length and device."""
         key = (s, self.inv_freq.device)
-        cached = self._rope_cache.get(key)
+        cached = self._tables.get(key)
         if cached is None:
-            cached = self._rope_cache[key] = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
+            cached = self._tables[key] = cos_sin(s, self.inv_freq, self.rope_attention_factor, torch.float32)
         return cached
 
     def _dropout_rng(self):
@@ -311,7 +311,6 @@ class MultiLatentAttention(MegatronModule):
         s, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, H_l, s, d]
         p = self.config.attention_dropout if self.training else 0.0
-        masking = dict(is_causal=True) if mask is None else dict(attn_mask=~mask)   # SDPA: True = attend
         dq = self.dn + self.dr
         kernel = attention_kernel(q.device.type, dq, self.dv, s, p)
         if self.layer_number == 1:
@@ -319,24 +318,29 @@ class MultiLatentAttention(MegatronModule):
         if kernel == "explicit":
             bias = self._causal_bias(s, q) if mask is None else None
             out = _ExplicitAttention.apply(q, k, v, self.softmax_scale, bias, mask)
-            return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
-        if kernel == "sdpa_padded_v":
-            v = F.pad(v, (0, dq - self.dv))
+        else:
+            out = self._sdpa(q, k, v, mask, p, padded=kernel == "sdpa_padded_v")
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+
+    def _sdpa(self, q, k, v, mask, p: float, padded: bool):
+        """torch's SDPA on [b, H_l, s, d]; ``padded``: V zero-padded to the q/k head size and the output
+        sliced back (the CPU flash kernel)."""
+        masking = dict(is_causal=True) if mask is None else dict(attn_mask=~mask)   # SDPA: True = attend
+        if padded:
+            v = F.pad(v, (0, q.shape[-1] - self.dv))
         if p > 0:
             with self._dropout_rng():
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.softmax_scale, **masking)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **masking)
-        if kernel == "sdpa_padded_v":
-            out = out[..., :self.dv]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.n_local_heads * self.dv)
+        return out[..., :self.dv] if padded else out
 
     def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
         """[s, s]: 0 on and below the diagonal, -inf above (cached per length, device and dtype)."""
         key = ("causal", s, like.device, like.dtype)
-        bias = self._rope_cache.get(key)
+        bias = self._tables.get(key)
         if bias is None:
-            bias = self._rope_cache[key] = torch.full((s, s), float("-inf"), dtype=like.dtype,
+            bias = self._tables[key] = torch.full((s, s), float("-inf"), dtype=like.dtype,
                                                       device=like.device).triu(1)
         return bias
 
